@@ -1,0 +1,40 @@
+# Mailslot tasks. `just run` serves in embedded mode; `just test` runs the whole suite.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+redis_port := env_var_or_default("MAILSLOT_REDIS_PORT", "6390")
+
+# List the recipes.
+default:
+    @just --list
+
+# Create or update .venv from uv.lock (all extras: PostgreSQL support included).
+sync:
+    uv sync --locked --all-extras --quiet
+
+# Serve on http://127.0.0.1:8000 (embedded mode unless REDIS_URL / DATABASE_URL are set).
+run: sync
+    uv run --locked flask --app microapp init-db
+    uv run --locked flask --app microapp serve
+
+# Run the whole test suite (extra arguments go to pytest).
+test *args: sync
+    uv run --locked pytest {{args}}
+
+# Run a Celery worker with beat, for connected mode (needs REDIS_URL).
+worker: sync
+    uv run --locked celery -A tasks worker -B --loglevel INFO
+
+# A private redis-server on its own port for local connected mode; stop it with Ctrl-C.
+redis:
+    @echo "Redis on 127.0.0.1:{{redis_port}} — export REDIS_URL=redis://127.0.0.1:{{redis_port}}/0"
+    redis-server --port {{redis_port}} --bind 127.0.0.1 --save "" --appendonly no
+
+# Check style: ruff lint and format.
+lint: sync
+    uv run --locked ruff check .
+    uv run --locked ruff format --check .
+
+# Format the code in place.
+fmt: sync
+    uv run --locked ruff format .
+    uv run --locked ruff check --fix .

@@ -1,0 +1,695 @@
+"""Mailslot's web process: settings, logging, the app factory, blueprints, views and CLI.
+
+Views stay thin: they parse the request, call one function in ``services``, and render.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import logging.config
+import os
+import re
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import click
+import structlog
+from flask import (
+    Blueprint,
+    Flask,
+    current_app,
+    flash,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    request_finished,
+    request_started,
+    session,
+    url_for,
+)
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from pydantic import SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+import dal
+import forms
+import services
+import tasks
+
+PROJECT_DIR = Path(__file__).resolve().parent
+log = structlog.get_logger("mailslot")
+
+# =================================================================================================
+# Settings
+# =================================================================================================
+
+
+class SettingsError(RuntimeError):
+    """A setting is missing, misspelled or has a bad value; the message names it."""
+
+
+class Settings(BaseSettings):
+    """Every knob of Mailslot, typed. Precedence: keywords > environment > settings.toml > code."""
+
+    model_config = SettingsConfigDict(extra="forbid", case_sensitive=False, env_prefix="")
+
+    env: Literal["development", "production"] = "development"
+    base_url: str = "http://127.0.0.1:8000"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    web_threads: int = 8
+    trusted_proxy: str = ""
+    trusted_proxy_count: int = 1
+    instance_path: str = "instance"
+    secret_key: SecretStr = SecretStr("")
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    database_url: str = ""
+    redis_url: str = ""
+    redis_timeout: float = 0.5
+    redis_key_prefix: str = "mailslot:"
+
+    celery_queue: str = "mailslot"
+    celery_visibility_timeout: int = 3600
+    celery_task_soft_time_limit: int = 60
+    celery_task_time_limit: int = 90
+    worker_concurrency: int = 2
+
+    mail_backend: Literal["console", "smtp"] = "console"
+    mail_from: str = "Mailslot <mailslot@localhost>"
+    smtp_host: str = "localhost"
+    smtp_port: int = 587
+    smtp_username: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    smtp_starttls: bool = True
+    smtp_timeout: float = 10.0
+
+    password_hash_method: str = "scrypt:32768:8:3"  # noqa: S105 - a method name, not a secret
+    password_min_length: int = 8
+    confirm_token_max_age: int = 3 * 24 * 3600
+
+    submission_max_bytes: int = 64 * 1024
+    submission_max_fields: int = 100
+    submission_max_value_length: int = 10_000
+    max_content_length: int = 1024 * 1024
+
+    @classmethod
+    def settings_customise_sources(  # type: ignore[override]
+        cls, settings_cls: type[BaseSettings], init_settings: Any, env_settings: Any, **_: Any
+    ) -> tuple[Any, ...]:
+        """Keywords beat the environment, which beats settings.toml; no .env or secrets dir."""
+        toml_file = os.environ.get("MAILSLOT_SETTINGS_FILE") or PROJECT_DIR / "settings.toml"
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_database_url(cls, value: str) -> str:
+        """Accept the ``postgres://`` form a PaaS hands out and pick the psycopg driver."""
+        for prefix in ("postgres://", "postgresql://"):
+            if value.startswith(prefix):
+                return "postgresql+psycopg://" + value[len(prefix) :]
+        if value and not value.startswith(("sqlite://", "postgresql+psycopg://")):
+            raise ValueError("must be empty (SQLite), sqlite://…, postgresql://… or postgres://…")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        """Only redis:// and rediss:// URLs (or empty for embedded mode)."""
+        if value and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be empty (embedded mode) or a redis:// or rediss:// URL")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        """The public address must be an absolute http(s) URL; stored without a trailing slash."""
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("password_hash_method")
+    @classmethod
+    def _check_hash_method(cls, value: str) -> str:
+        """Only werkzeug's scrypt or pbkdf2 methods."""
+        if not re.fullmatch(r"scrypt(:\d+:\d+:\d+)?|pbkdf2(:sha256|:sha512)?(:\d+)?", value):
+            raise ValueError("must be a werkzeug method such as scrypt:32768:8:3")
+        return value
+
+    @field_validator(
+        "port", "web_threads", "trusted_proxy_count", "celery_visibility_timeout",
+        "celery_task_soft_time_limit", "celery_task_time_limit", "worker_concurrency",
+        "smtp_port", "password_min_length", "confirm_token_max_age", "submission_max_bytes",
+        "submission_max_fields", "submission_max_value_length", "max_content_length",
+    )  # fmt: skip
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        """Counts, sizes and ports are positive."""
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+    @field_validator("redis_timeout", "smtp_timeout")
+    @classmethod
+    def _positive_seconds(cls, value: float) -> float:
+        """Timeouts are positive seconds."""
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_a_secret(self) -> Settings:
+        """In production a missing SECRET_KEY is an error, never a generated one."""
+        if self.env == "production" and not self.secret_key.get_secret_value():
+            raise ValueError("SECRET_KEY must be set when ENV=production")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """Embedded mode: no Redis URL, so an in-process Redis and eager tasks."""
+        return not self.redis_url
+
+    @property
+    def mode(self) -> str:
+        """The name of the mode, for the start-up log line and /readyz."""
+        return "embedded" if self.embedded else "connected"
+
+    @property
+    def instance_dir(self) -> Path:
+        """The instance folder as an absolute path (relative paths are under the project)."""
+        return (PROJECT_DIR / self.instance_path).resolve()
+
+    @property
+    def database_url_or_default(self) -> str:
+        """The configured database, or the embedded SQLite file in the instance folder."""
+        return self.database_url or f"sqlite:///{self.instance_dir / 'mailslot.db'}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning pydantic's report into one message that names each bad key."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown setting (misspelled?)"
+            elif not any(word in key for word in ("SECRET", "PASSWORD")):
+                message += f" (got {error['input']!r})"
+            problems.append(f"{key}: {message}")
+        raise SettingsError("Invalid Mailslot settings: " + "; ".join(problems)) from None
+
+
+def resolve_secret_key(settings: Settings) -> str:
+    """The configured secret, or in development one generated once and kept under instance/."""
+    configured = settings.secret_key.get_secret_value()
+    if configured:
+        return configured
+    key_file = settings.instance_dir / "secret_key"
+    if key_file.exists():
+        return key_file.read_text().strip()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    return key
+
+
+# =================================================================================================
+# Logging
+# =================================================================================================
+
+_SHARED_PROCESSORS: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
+def configure_logging(settings: Settings) -> None:
+    """Route structlog and every stdlib logger (Flask, waitress, Celery) through one pipeline."""
+    use_json = settings.log_format == "json" or (
+        settings.log_format == "auto" and settings.env == "production"
+    )
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.contextvars.clear_contextvars()
+    structlog.configure(
+        processors=[
+            *_SHARED_PROCESSORS,
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_SHARED_PROCESSORS,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if use_json else _keep_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    handler.set_name("mailslot")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "mailslot"]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    for name in ("flask.app", "waitress", "celery", "werkzeug"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+
+
+def _keep_exc_info(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The console renderer prints tracebacks itself; leave exc_info for it."""
+    return event
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _bind_request(sender: Flask, **_extra: Any) -> None:
+    """Bind a request id at the very start, before CSRF or any before_request handler runs."""
+    structlog.contextvars.clear_contextvars()
+    incoming = request.headers.get("X-Request-ID", "")
+    g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    g.started = time.perf_counter()
+    structlog.contextvars.bind_contextvars(request_id=g.request_id)
+
+
+def _log_request(sender: Flask, response: Any, **_extra: Any) -> None:
+    """End every request with one line: method, path, status and duration."""
+    request_id = g.get("request_id")
+    if request_id:
+        response.headers["X-Request-ID"] = request_id
+    started = g.get("started", time.perf_counter())
+    log.info(
+        "request",
+        method=request.method,
+        path=request.path,
+        status=response.status_code,
+        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+
+
+# =================================================================================================
+# App factory
+# =================================================================================================
+
+csrf = CSRFProtect()
+
+
+def create_app(**overrides: Any) -> Flask:
+    """Build the app. Keyword arguments override settings (tests); nothing touches the network."""
+    settings = load_settings(**overrides)
+    configure_logging(settings)
+    instance_dir = settings.instance_dir
+    instance_dir.mkdir(parents=True, exist_ok=True)
+
+    app = Flask(__name__, instance_path=str(instance_dir))
+    production = settings.env == "production"
+    app.config.update(
+        SECRET_KEY=resolve_secret_key(settings),
+        MAX_CONTENT_LENGTH=settings.max_content_length,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=production,
+        SESSION_COOKIE_NAME="mailslot_session",
+        PERMANENT_SESSION_LIFETIME=14 * 24 * 3600,
+        WTF_CSRF_TIME_LIMIT=None,
+        WTF_CSRF_SSL_STRICT=production,
+        PREFERRED_URL_SCHEME="https" if production else "http",
+    )
+    app.extensions["mailslot.settings"] = settings
+    dal.init_app(app, settings)
+    tasks.celery_init_app(app, settings)
+    csrf.init_app(app)
+
+    app.register_blueprint(pages)
+    app.register_blueprint(public)
+    app.register_blueprint(api)
+    _register_error_handlers(app)
+    _register_cli(app)
+    app.before_request(_load_user)
+    app.context_processor(lambda: {"current_user": g.get("user"), "mode": settings.mode})
+    request_started.connect(_bind_request, app)
+    request_finished.connect(_log_request, app)
+
+    if settings.database_url_or_default.startswith("sqlite"):
+        # A local file, not a network call: embedded mode creates its database on first start.
+        with app.app_context():
+            dal.init_db()
+    log.info(
+        "mailslot.start",
+        mode=settings.mode,
+        env=settings.env,
+        database=dal.describe_url(settings.database_url_or_default),
+        redis=dal.describe_url(settings.redis_url) if settings.redis_url else "in-process",
+        mail=settings.mail_backend,
+    )
+    return app
+
+
+def app_settings() -> Settings:
+    """The running app's settings."""
+    return current_app.extensions["mailslot.settings"]
+
+
+# =================================================================================================
+# Sessions and the current user
+# =================================================================================================
+
+
+def _load_user() -> None:
+    """Put the logged-in user on ``g``; a cookie from before logout no longer matches."""
+    g.user = None
+    user_id, version = session.get("uid"), session.get("sv")
+    if user_id is None:
+        return
+    user = services.user_for_session(user_id, version)
+    if user is None:
+        session.clear()
+    g.user = user
+
+
+def login_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Send people who are not logged in to the login page, remembering where they were going."""
+
+    @functools.wraps(view)
+    def wrapped(**kwargs: Any) -> Any:
+        if g.user is None:
+            return redirect(url_for("pages.login", next=request.full_path.rstrip("?")))
+        return view(**kwargs)
+
+    return wrapped
+
+
+def safe_next(target: str | None, default: str) -> str:
+    """Follow ``next`` only to a same-site relative path; never ``//host`` or ``/\\host``."""
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
+        return default
+    if any(ord(ch) < 32 or ch == "\\" for ch in target):
+        return default
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return default
+    return target
+
+
+def _start_session(user: dal.Row) -> None:
+    """Clear whatever the browser had and issue a fresh session for this user."""
+    session.clear()
+    session["uid"] = user.id
+    session["sv"] = user.session_version
+    session.permanent = True
+
+
+# =================================================================================================
+# Blueprint: pages (the owner's UI)
+# =================================================================================================
+
+pages = Blueprint("pages", __name__)
+
+
+@pages.get("/")
+def index() -> str:
+    """The landing page: what Mailslot does."""
+    return render_template("index.html")
+
+
+@pages.route("/signup", methods=["GET", "POST"])
+def signup() -> Any:
+    """Create an account, send the confirmation email and log the new owner in."""
+    form = forms.SignupForm()
+    if form.validate_on_submit():
+        try:
+            user = services.sign_up(form.email.data, form.password.data)
+        except services.EmailTaken:
+            form.email.errors.append("An account with this email already exists. Log in instead.")
+        else:
+            _start_session(user)
+            flash(f"Welcome! We sent a confirmation link to {user.email}.", "success")
+            return redirect(url_for("pages.forms_index"))
+    status = 422 if form.errors else 200
+    return render_template(
+        "signup.html", form=form, min_password=app_settings().password_min_length
+    ), status
+
+
+@pages.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    """Log in with email and password; one generic message for every wrong combination."""
+    form = forms.LoginForm()
+    next_url = safe_next(request.args.get("next"), url_for("pages.forms_index"))
+    if form.validate_on_submit():
+        user = services.log_in(form.email.data, form.password.data)
+        if user is None:
+            form.form_errors.append("Wrong email or password.")
+        else:
+            _start_session(user)
+            return redirect(next_url)
+    status = 422 if form.errors or form.form_errors else 200
+    return render_template("login.html", form=form), status
+
+
+@pages.post("/logout")
+def logout() -> Any:
+    """End this session and every other copy of its cookie."""
+    form = forms.ActionForm()
+    if form.validate_on_submit() and g.user is not None:
+        services.log_out(g.user.id)
+    session.clear()
+    flash("You are logged out.", "info")
+    return redirect(url_for("pages.index"))
+
+
+@pages.get("/confirm/<token>")
+def confirm_email(token: str) -> Any:
+    """Confirm an owner's email address from the signed link we mailed."""
+    outcome = services.confirm_email(token)
+    messages = {
+        "confirmed": ("Your email address is confirmed.", "success"),
+        "already": ("Your email address was already confirmed.", "info"),
+        "expired": (
+            "This confirmation link has expired. Send a new one from your account.",
+            "error",
+        ),
+        "invalid": (
+            "This confirmation link is not valid. Send a new one from your account.",
+            "error",
+        ),
+    }
+    message, category = messages[outcome]
+    flash(message, category)
+    return redirect(url_for("pages.account" if g.user else "pages.login"))
+
+
+@pages.route("/account", methods=["GET"])
+@login_required
+def account() -> str:
+    """The owner's account: address, confirmation state."""
+    return render_template("account.html", resend_form=forms.ActionForm())
+
+
+@pages.post("/account/confirm")
+@login_required
+def resend_confirmation() -> Any:
+    """Send the confirmation link again."""
+    if forms.ActionForm().validate_on_submit():
+        if services.send_confirmation(g.user.id):
+            flash(f"We sent a new confirmation link to {g.user.email}.", "success")
+        else:
+            flash("Your email address is already confirmed.", "info")
+    return redirect(url_for("pages.account"))
+
+
+@pages.get("/forms")
+@login_required
+def forms_index() -> str:
+    """The owner's forms."""
+    return render_template("forms_index.html")
+
+
+# =================================================================================================
+# Blueprint: public (/f/<public_id>) and health
+# =================================================================================================
+
+public = Blueprint("public", __name__)
+
+
+@public.get("/healthz")
+def healthz() -> Any:
+    """The process is up."""
+    return jsonify(status="ok")
+
+
+@public.get("/readyz")
+def readyz() -> Any:
+    """Database and Redis reachability and the mode; 503 only when the database is down."""
+    report = services.readiness()
+    return jsonify(report), 503 if report["status"] == "down" else 200
+
+
+# =================================================================================================
+# Blueprint: api (/api/v1)
+# =================================================================================================
+
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+csrf.exempt(api)
+
+
+@api.get("/")
+def api_root() -> Any:
+    """The API's entry point; resources arrive with the API issue."""
+    return jsonify(name="Mailslot API", version="v1")
+
+
+# =================================================================================================
+# Errors
+# =================================================================================================
+
+_ERROR_TEXT = {
+    400: "The request could not be understood.",
+    401: "You need to log in to see this.",
+    403: "You are not allowed to do that.",
+    404: "There is nothing at this address.",
+    405: "This address does not accept that method.",
+    413: "The request is too large.",
+    415: "This kind of content is not accepted here.",
+    422: "Some of what you sent needs fixing.",
+    429: "Too many requests; wait a moment and try again.",
+    500: "Something went wrong on our side. It has been logged.",
+    503: "The service is temporarily unavailable; try again in a minute.",
+}
+
+
+def wants_json() -> bool:
+    """API paths, JSON bodies and clients that prefer JSON get JSON errors."""
+    if request.path.startswith("/api/") or request.is_json:
+        return True
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json"
+
+
+def error_response(status: int, message: str | None = None, code: str | None = None) -> Any:
+    """One error, as a page for people or ``{"error": {...}}`` for programs."""
+    message = message or _ERROR_TEXT.get(status, "Error.")
+    code = code or _error_code(status)
+    if wants_json():
+        response = jsonify(error={"code": code, "message": message, "fields": {}})
+        response.status_code = status
+        return response
+    return render_template("error.html", status=status, message=message), status
+
+
+def _error_code(status: int) -> str:
+    """A stable machine-readable code for a status."""
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "error"
+
+
+def _register_error_handlers(app: Flask) -> None:
+    """HTML for browsers, JSON for programs, never a traceback; 500s are logged with one."""
+
+    @app.errorhandler(CSRFError)
+    def csrf_failed(exc: CSRFError) -> Any:
+        return error_response(
+            400,
+            "This form expired or did not come from this site. Reload the page and try again.",
+            "csrf_failed",
+        )
+
+    @app.errorhandler(OperationalError)
+    def database_down(exc: OperationalError) -> Any:
+        log.error("database.unavailable", error=str(exc.orig)[:200])
+        return error_response(503, "The database is unavailable; nothing was saved. Try again.")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        status = exc.code or 500
+        headers = dict(exc.get_headers()) if status in (405, 429) else {}
+        custom = exc.description if exc.description != type(exc).description else None
+        response = current_app.make_response(error_response(status, custom))
+        for name in ("Allow", "Retry-After"):
+            if name in headers:
+                response.headers[name] = headers[name]
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Any:
+        log.exception("request.failed")
+        return error_response(500)
+
+    app.register_error_handler(InternalServerError, unexpected)
+
+
+# =================================================================================================
+# CLI
+# =================================================================================================
+
+
+def _register_cli(app: Flask) -> None:
+    """Commands run as ``flask --app microapp <command>``."""
+
+    @app.cli.command("init-db")
+    def init_db_command() -> None:
+        """Create the tables (idempotent) and record the schema version."""
+        try:
+            created = dal.init_db()
+        except dal.SchemaMismatch as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo("Initialised the database." if created else "The database is up to date.")
+
+    @app.cli.command("serve")
+    @click.option("--host", default=None, help="Address to bind (default: HOST).")
+    @click.option("--port", type=int, default=None, help="Port (default: PORT).")
+    def serve_command(host: str | None, port: int | None) -> None:
+        """Serve with waitress on HOST:PORT, trusting the configured proxy hop."""
+        import waitress
+
+        settings = app_settings()
+        host, port = host or settings.host, port or settings.port
+        options: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "threads": settings.web_threads,
+            "ident": "mailslot",
+        }
+        if settings.trusted_proxy:
+            options.update(
+                trusted_proxy=settings.trusted_proxy,
+                trusted_proxy_count=settings.trusted_proxy_count,
+                trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"},
+                clear_untrusted_proxy_headers=True,
+            )
+        log.info("serve", url=f"http://{host}:{port}", mode=settings.mode)
+        waitress.serve(app, **options)

@@ -1,0 +1,280 @@
+"""Shared fixtures: ``app``, ``client``, ``runner``, the ``auth`` helper, services and sinks.
+
+The suite always runs on SQLite and the in-process Redis. With ``MAILSLOT_TEST_DATABASE_URL``
+(a PostgreSQL server URL; a fresh database is created on it for the run and dropped after) and
+``MAILSLOT_TEST_REDIS_URL`` (a Redis database we may write to; keys get a per-test prefix) the DAL
+and Redis tests run against those too. ``MAILSLOT_REQUIRE_SERVICES=1`` turns a missing service
+into a failure instead of a skip.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import re
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient, FlaskCliRunner
+
+import microapp
+
+REQUIRE_SERVICES = os.environ.get("MAILSLOT_REQUIRE_SERVICES") == "1"
+TEST_DATABASE_URL = os.environ.get("MAILSLOT_TEST_DATABASE_URL", "")
+TEST_REDIS_URL = os.environ.get("MAILSLOT_TEST_REDIS_URL", "")
+FAST_HASH = "pbkdf2:sha256:1000"  # the real default (scrypt, ~0.4 s) has its own tests
+PASSWORD = "correct horse battery"
+
+
+def need_service(available: bool, reason: str) -> None:
+    """Skip when a service is missing locally; fail when CI requires every service."""
+    if available:
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service missing: {reason}")
+    pytest.skip(reason)
+
+
+# =================================================================================================
+# Backends
+# =================================================================================================
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this run, dropped at the end."""
+    need_service(bool(TEST_DATABASE_URL), "MAILSLOT_TEST_DATABASE_URL is not set")
+    import psycopg
+
+    server_url = TEST_DATABASE_URL.replace("postgresql+psycopg://", "postgresql://")
+    name = f"mailslot_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(server_url, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        need_service(False, f"PostgreSQL unreachable: {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = server_url.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The real Redis given to the tests (a database index of our own)."""
+    need_service(bool(TEST_REDIS_URL), "MAILSLOT_TEST_REDIS_URL is not set")
+    import redis
+
+    try:
+        redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=1).ping()
+    except (redis.RedisError, OSError) as exc:
+        need_service(False, f"Redis unreachable at {TEST_REDIS_URL}: {exc}")
+    return TEST_REDIS_URL
+
+
+def _wipe_postgres(app: Flask) -> None:
+    """Empty every table between tests on the shared run database."""
+    import dal
+
+    with app.app_context(), dal.transaction() as conn:
+        names = ", ".join(t.name for t in dal.metadata.sorted_tables if t.name != "mailslot_meta")
+        conn.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+
+
+def _wipe_redis_prefix(app: Flask) -> None:
+    """Delete the keys this test wrote, by its own prefix."""
+    import dal
+
+    with app.app_context():
+        stores = dal.stores()
+        keys = list(stores.redis.scan_iter(f"{stores.key_prefix}*"))
+        if keys:
+            stores.redis.delete(*keys)
+
+
+# =================================================================================================
+# App, client, runner
+# =================================================================================================
+
+
+@pytest.fixture
+def overrides(tmp_path: Path) -> dict[str, Any]:
+    """Settings for one test's app: its own instance folder and Redis key prefix."""
+    return {
+        "instance_path": str(tmp_path / "instance"),
+        "password_hash_method": FAST_HASH,
+        "base_url": "http://mailslot.test",
+        "redis_key_prefix": f"mailslot-test-{uuid.uuid4().hex[:8]}:",
+    }
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which database the app uses; DAL tests parametrize this with 'postgresql' as well."""
+    return request.param
+
+
+@pytest.fixture
+def app(overrides: dict[str, Any], backend: str, request: pytest.FixtureRequest) -> Iterator[Flask]:
+    """A Mailslot app on SQLite (or PostgreSQL when the test asks) with in-process Redis."""
+    if backend == "postgresql":
+        overrides["database_url"] = request.getfixturevalue("postgres_url")
+    app = microapp.create_app(**overrides)
+    app.config["TESTING"] = True
+    if backend == "postgresql":
+        with app.app_context():
+            import dal
+
+            dal.init_db()
+    yield app
+    if backend == "postgresql":
+        _wipe_postgres(app)
+    if overrides.get("redis_url"):
+        _wipe_redis_prefix(app)
+    with app.app_context():
+        import dal
+
+        dal.stores().engine.dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """The Flask test client."""
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app: Flask) -> FlaskCliRunner:
+    """Runs the app's CLI commands."""
+    return app.test_cli_runner()
+
+
+# =================================================================================================
+# CSRF tokens and the auth helper
+# =================================================================================================
+
+_CSRF = re.compile(
+    r'name="csrf_token" type="hidden" value="([^"]+)"|name="csrf_token" value="([^"]+)"'
+)
+
+
+def csrf_token(client: FlaskClient, path: str) -> str:
+    """Read the real CSRF token from the page at ``path``."""
+    page = client.get(path).get_data(as_text=True)
+    match = _CSRF.search(page)
+    assert match, f"no CSRF token on {path}"
+    return match.group(1) or match.group(2)
+
+
+def post_form(client: FlaskClient, path: str, data: dict[str, Any], page: str | None = None) -> Any:
+    """POST ``data`` to ``path`` with the real CSRF token from ``page`` (default: ``path``)."""
+    token = csrf_token(client, page or path)
+    return client.post(path, data={**data, "csrf_token": token})
+
+
+class AuthActions:
+    """Sign up, log in and log out through the real pages."""
+
+    def __init__(self, client: FlaskClient, app: Flask) -> None:
+        self.client = client
+        self.app = app
+
+    def signup(self, email: str = "owner@example.com", password: str = PASSWORD) -> Any:
+        """Create an account (and log in) through /signup."""
+        return post_form(
+            self.client, "/signup", {"email": email, "password": password, "confirm": password}
+        )
+
+    def login(self, email: str = "owner@example.com", password: str = PASSWORD) -> Any:
+        """Log in through /login."""
+        return post_form(self.client, "/login", {"email": email, "password": password})
+
+    def logout(self) -> Any:
+        """Log out through the POST button on the account page."""
+        return post_form(self.client, "/logout", {}, page="/account")
+
+    def confirm(self) -> Any:
+        """Follow the newest confirmation link in the outbox."""
+        link = confirmation_link(read_outbox(self.app)[-1])
+        return self.client.get(link.removeprefix("http://mailslot.test"))
+
+
+@pytest.fixture
+def auth(client: FlaskClient, app: Flask) -> AuthActions:
+    """The auth helper."""
+    return AuthActions(client, app)
+
+
+# =================================================================================================
+# Mail: the outbox and a real SMTP sink
+# =================================================================================================
+
+
+def read_outbox(app: Flask) -> list[EmailMessage]:
+    """Messages the console backend wrote, oldest first."""
+    outbox = Path(app.instance_path) / "outbox"
+    files = sorted(outbox.glob("*.eml")) if outbox.exists() else []
+    return [
+        email.message_from_bytes(f.read_bytes(), policy=email.policy.default)  # type: ignore[misc]
+        for f in files
+    ]
+
+
+def message_text(message: EmailMessage) -> str:
+    """The plain-text part of a message."""
+    part = message.get_body(preferencelist=("plain",))
+    assert part is not None
+    return part.get_content()
+
+
+def confirmation_link(message: EmailMessage) -> str:
+    """The /confirm/… link in a confirmation email."""
+    match = re.search(r"https?://\S+/confirm/\S+", message_text(message))
+    assert match
+    return match.group(0)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (bound and released by us)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SMTPSink:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 that keeps what it receives."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.messages: list[tuple[str, list[str], EmailMessage]] = []
+        self.received = threading.Event()
+        self.port = free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        """Keep the envelope and the parsed message."""
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), message))  # type: ignore[arg-type]
+        self.received.set()
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SMTPSink]:
+    """A running SMTP sink; its port goes into SMTP_PORT."""
+    sink = SMTPSink()
+    sink.controller.start()
+    yield sink
+    sink.controller.stop()

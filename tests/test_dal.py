@@ -1,0 +1,108 @@
+"""The data layer on SQLite and, when configured, PostgreSQL: schema set-up, users, pragmas."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask.testing import FlaskCliRunner
+from sqlalchemy.exc import IntegrityError
+
+import dal
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both databases."""
+    return request.param
+
+
+def test_init_db_twice_is_harmless(runner: FlaskCliRunner, app: Flask) -> None:
+    first = runner.invoke(args=["init-db"])
+    second = runner.invoke(args=["init-db"])
+    assert first.exit_code == 0
+    assert second.exit_code == 0
+    assert "The database is up to date." in second.output
+    with app.app_context():
+        assert dal.stored_schema_version() == dal.SCHEMA_VERSION
+        with dal.connection() as conn:
+            names = set(sa.inspect(conn).get_table_names())
+    assert {"users", "forms", "submissions", "deliveries", "api_tokens"} <= names
+
+
+def test_init_db_creates_missing_tables(runner: FlaskCliRunner, app: Flask) -> None:
+    with app.app_context(), dal.transaction() as conn:
+        dal.api_tokens.drop(conn)
+    result = runner.invoke(args=["init-db"])
+    assert result.exit_code == 0
+    assert "Initialised the database." in result.output
+
+
+def test_database_from_another_version_gives_a_clear_message(
+    runner: FlaskCliRunner, app: Flask
+) -> None:
+    with app.app_context(), dal.transaction() as conn:
+        conn.execute(sa.update(dal.meta).values(value="99"))
+    result = runner.invoke(args=["init-db"])
+    assert result.exit_code != 0
+    assert "schema version 99" in result.output
+    assert f"uses version {dal.SCHEMA_VERSION}" in result.output
+    with app.app_context(), dal.transaction() as conn:
+        conn.execute(sa.update(dal.meta).values(value=str(dal.SCHEMA_VERSION)))
+
+
+def test_emails_are_unique(app: Flask) -> None:
+    with app.app_context():
+        with dal.transaction() as conn:
+            dal.insert_user(conn, "a@example.com", "hash")
+        with pytest.raises(IntegrityError), dal.transaction() as conn:
+            dal.insert_user(conn, "a@example.com", "hash")
+
+
+def test_user_round_trip_keeps_aware_utc_times(app: Flask) -> None:
+    with app.app_context():
+        with dal.transaction() as conn:
+            user = dal.insert_user(conn, "t@example.com", "hash")
+            assert dal.mark_email_confirmed(conn, user.id, "t@example.com")
+            assert not dal.mark_email_confirmed(conn, user.id, "t@example.com")
+        with dal.connection() as conn:
+            stored = dal.user_by_id(conn, user.id)
+    assert stored is not None
+    assert stored.created_at.tzinfo == dt.UTC
+    assert stored.email_confirmed_at is not None
+    assert abs(stored.created_at - dal.utcnow()) < dt.timedelta(minutes=1)
+
+
+def test_bumping_the_session_version_counts_up(app: Flask) -> None:
+    with app.app_context(), dal.transaction() as conn:
+        user = dal.insert_user(conn, "s@example.com", "hash")
+        dal.bump_session_version(conn, user.id)
+        dal.bump_session_version(conn, user.id)
+        assert dal.user_by_id(conn, user.id).session_version == user.session_version + 2
+
+
+def test_naive_datetimes_are_refused(app: Flask) -> None:
+    with app.app_context(), pytest.raises(sa.exc.StatementError), dal.transaction() as conn:
+        conn.execute(
+            sa.insert(dal.users).values(
+                email="n@example.com",
+                password_hash="x",
+                created_at=dt.datetime(2026, 1, 1),  # noqa: DTZ001
+            )
+        )
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_sqlite_connections_get_durable_pragmas(app: Flask) -> None:
+    with app.app_context(), dal.connection() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 5000
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_describe_url_hides_passwords() -> None:
+    assert dal.describe_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert dal.describe_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"

@@ -1,0 +1,66 @@
+"""Hypothesis properties of the account pages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import email_validator
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import microapp
+from conftest import csrf_token
+
+_emails = st.one_of(st.emails(), st.text(max_size=60), st.just(""), st.just("a@b"))
+_passwords = st.one_of(st.text(min_size=0, max_size=140), st.text(min_size=7, max_size=9))
+
+
+def well_formed(address: str, password: str, confirm: str) -> bool:
+    """The sign-up rules as a user reads them in the messages."""
+    address = address.strip()
+    if not address or len(address) > 254:
+        return False
+    try:
+        email_validator.validate_email(address, check_deliverability=False)
+    except email_validator.EmailNotValidError:
+        return False
+    return bool(password.strip()) and 8 <= len(password) <= 128 and confirm == password
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(address=_emails, password=_passwords, same=st.booleans(), other=st.text(max_size=10))
+def test_signup_never_fails_and_accepts_exactly_well_formed_pairs(
+    overrides: dict[str, Any], address: str, password: str, same: bool, other: str
+) -> None:
+    app = _shared_app(overrides)
+    confirm = password if same else other
+    client = app.test_client()
+    token = csrf_token(client, "/signup")
+    response = client.post(
+        "/signup",
+        data={"email": address, "password": password, "confirm": confirm, "csrf_token": token},
+    )
+    assert response.status_code in (302, 422)
+    key = address.strip().lower()
+    expected = well_formed(address, password, confirm) and key not in _ACCEPTED
+    assert (response.status_code == 302) == expected, response.get_data(as_text=True)[:2000]
+    if expected:
+        _ACCEPTED.add(key)
+
+
+_ACCEPTED: set[str] = set()
+_APPS: dict[str, Any] = {}
+
+
+def _shared_app(overrides: dict[str, Any]) -> Any:
+    """One app for all examples of a run (creating one per example would dominate the time)."""
+    key = overrides["instance_path"]
+    if key not in _APPS:
+        _APPS.clear()
+        _ACCEPTED.clear()
+        _APPS[key] = microapp.create_app(**overrides)
+    return _APPS[key]
