@@ -7,6 +7,7 @@ transaction (``with transaction() as conn: ...``). Nothing here knows about Flas
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,6 +116,8 @@ submissions = sa.Table(
     sa.Column("ip_hash", sa.String(64)),
     sa.Column("user_agent", sa.String(512)),
     sa.Column("referrer", sa.String(2000)),
+    # Control values that are not data but that delivery needs later (_subject, _replyto).
+    sa.Column("meta", JSONType, nullable=False, default=dict),
     sa.Column("created_at", UTCDateTime, nullable=False, default=utcnow),
     sa.Index("ix_submissions_form_id", "form_id", "id"),
 )
@@ -173,14 +176,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _json_dumps(value: Any) -> str:
+    """JSON as stored: real characters rather than \\u escapes, so text search finds them."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def make_engine(url: str) -> Engine:
     """One engine per app; SQLite gets its pragmas on every new connection. Connects lazily."""
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+        engine = sa.create_engine(
+            url, connect_args={"check_same_thread": False}, json_serializer=_json_dumps
+        )
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return sa.create_engine(
         url,
+        json_serializer=_json_dumps,
         pool_pre_ping=True,
         pool_size=5,
         max_overflow=10,
@@ -337,3 +348,396 @@ def mark_email_confirmed(conn: Connection, user_id: int, email: str) -> bool:
         .values(email_confirmed_at=utcnow())
     )
     return result.rowcount == 1
+
+
+# =================================================================================================
+# Forms
+# =================================================================================================
+
+FORM_COLUMNS = (
+    "name", "fields", "schema_version", "strict", "redirect_url", "allowed_domains",
+    "honeypot_field", "webhook_url", "webhook_secret", "notify", "status",
+)  # fmt: skip
+
+
+def insert_form(conn: Connection, owner_id: int, public_id: str, values: dict[str, Any]) -> Row:
+    """Add a form for an owner."""
+    now = utcnow()
+    form_id = conn.execute(
+        sa.insert(forms).values(
+            owner_id=owner_id, public_id=public_id, created_at=now, updated_at=now, **values
+        )
+    ).inserted_primary_key[0]
+    return conn.execute(sa.select(forms).where(forms.c.id == form_id)).one()
+
+
+def update_form(conn: Connection, form_id: int, values: dict[str, Any]) -> None:
+    """Change a form's settings or fields."""
+    conn.execute(
+        sa.update(forms).where(forms.c.id == form_id).values(updated_at=utcnow(), **values)
+    )
+
+
+def bump_schema_version(conn: Connection, form_id: int, fields: list[dict[str, Any]]) -> None:
+    """Store a new field schema and count its version up."""
+    conn.execute(
+        sa.update(forms)
+        .where(forms.c.id == form_id)
+        .values(fields=fields, schema_version=forms.c.schema_version + 1, updated_at=utcnow())
+    )
+
+
+def delete_form(conn: Connection, form_id: int) -> None:
+    """Remove a form with its submissions and their deliveries."""
+    sub_ids = sa.select(submissions.c.id).where(submissions.c.form_id == form_id)
+    conn.execute(sa.delete(deliveries).where(deliveries.c.submission_id.in_(sub_ids)))
+    conn.execute(sa.delete(submissions).where(submissions.c.form_id == form_id))
+    conn.execute(sa.delete(forms).where(forms.c.id == form_id))
+
+
+def form_by_public_id(conn: Connection, public_id: str) -> Row | None:
+    """A form by its public id, whoever owns it (the public endpoint's lookup)."""
+    return conn.execute(sa.select(forms).where(forms.c.public_id == public_id)).one_or_none()
+
+
+def owned_form(conn: Connection, owner_id: int, public_id: str) -> Row | None:
+    """A form by public id, only when this owner has it."""
+    return conn.execute(
+        sa.select(forms).where(forms.c.public_id == public_id, forms.c.owner_id == owner_id)
+    ).one_or_none()
+
+
+def forms_with_counts(conn: Connection, owner_id: int) -> list[Row]:
+    """The owner's forms, newest first, with submission counts and the newest submission time."""
+    counts = (
+        sa.select(
+            submissions.c.form_id,
+            sa.func.count().label("submission_count"),
+            sa.func.max(submissions.c.created_at).label("newest_at"),
+        )
+        .where(submissions.c.is_spam.is_(False))
+        .group_by(submissions.c.form_id)
+        .subquery()
+    )
+    query = (
+        sa.select(
+            forms,
+            sa.func.coalesce(counts.c.submission_count, 0).label("submission_count"),
+            counts.c.newest_at,
+        )
+        .select_from(forms.outerjoin(counts, counts.c.form_id == forms.c.id))
+        .where(forms.c.owner_id == owner_id)
+        .order_by(forms.c.id.desc())
+    )
+    return list(conn.execute(query))
+
+
+def owner_of_form(conn: Connection, form_id: int) -> Row | None:
+    """The user who owns a form."""
+    return conn.execute(
+        sa.select(users).join(forms, forms.c.owner_id == users.c.id).where(forms.c.id == form_id)
+    ).one_or_none()
+
+
+# =================================================================================================
+# Submissions
+# =================================================================================================
+
+
+def insert_submission(conn: Connection, values: dict[str, Any]) -> Row:
+    """Store one submission."""
+    sub_id = conn.execute(
+        sa.insert(submissions).values(created_at=utcnow(), **values)
+    ).inserted_primary_key[0]
+    return conn.execute(sa.select(submissions).where(submissions.c.id == sub_id)).one()
+
+
+def insert_delivery(conn: Connection, submission_id: int, kind: str, target: str) -> int:
+    """Queue one delivery in the outbox (same transaction as its submission)."""
+    now = utcnow()
+    return conn.execute(
+        sa.insert(deliveries).values(
+            submission_id=submission_id,
+            kind=kind,
+            target=target,
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            updated_at=now,
+        )
+    ).inserted_primary_key[0]
+
+
+def _like_pattern(text: str) -> str:
+    """A LIKE pattern that matches ``text`` literally anywhere."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def submission_page(
+    conn: Connection,
+    form_id: int,
+    *,
+    before: int | None = None,
+    limit: int = 50,
+    query: str = "",
+    spam: bool | None = False,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> list[Row]:
+    """One page of a form's submissions, newest first, keyset-paged by id (``before``)."""
+    stmt = sa.select(submissions).where(submissions.c.form_id == form_id)
+    if before is not None:
+        stmt = stmt.where(submissions.c.id < before)
+    if spam is not None:
+        stmt = stmt.where(submissions.c.is_spam.is_(spam))
+    if query:
+        text = sa.cast(submissions.c.data, sa.Text)
+        stmt = stmt.where(text.ilike(_like_pattern(query), escape="\\"))
+    if since is not None:
+        stmt = stmt.where(submissions.c.created_at >= since)
+    if until is not None:
+        stmt = stmt.where(submissions.c.created_at < until)
+    return list(conn.execute(stmt.order_by(submissions.c.id.desc()).limit(limit)))
+
+
+def iter_submissions(conn: Connection, form_id: int, batch: int = 1000) -> Iterator[Row]:
+    """Every non-spam submission of a form, oldest first, fetched in batches (constant memory)."""
+    last = 0
+    while True:
+        rows = list(
+            conn.execute(
+                sa.select(submissions)
+                .where(
+                    submissions.c.form_id == form_id,
+                    submissions.c.id > last,
+                    submissions.c.is_spam.is_(False),
+                )
+                .order_by(submissions.c.id)
+                .limit(batch)
+            )
+        )
+        yield from rows
+        if len(rows) < batch:
+            return
+        last = rows[-1].id
+
+
+def submission_in_form(conn: Connection, form_id: int, public_id: str) -> Row | None:
+    """A submission by public id, only within this form."""
+    return conn.execute(
+        sa.select(submissions).where(
+            submissions.c.form_id == form_id, submissions.c.public_id == public_id
+        )
+    ).one_or_none()
+
+
+def set_spam(conn: Connection, submission_id: int, is_spam: bool, reason: str | None) -> None:
+    """Mark a submission spam or not spam."""
+    conn.execute(
+        sa.update(submissions)
+        .where(submissions.c.id == submission_id)
+        .values(is_spam=is_spam, spam_reason=reason)
+    )
+
+
+def delete_submission(conn: Connection, submission_id: int) -> None:
+    """Remove one submission and its deliveries."""
+    conn.execute(sa.delete(deliveries).where(deliveries.c.submission_id == submission_id))
+    conn.execute(sa.delete(submissions).where(submissions.c.id == submission_id))
+
+
+def deliveries_for(conn: Connection, submission_id: int) -> list[Row]:
+    """A submission's delivery log."""
+    return list(
+        conn.execute(
+            sa.select(deliveries)
+            .where(deliveries.c.submission_id == submission_id)
+            .order_by(deliveries.c.id)
+        )
+    )
+
+
+# =================================================================================================
+# Redis counters
+# =================================================================================================
+
+COUNTER_TTL = 40 * 24 * 3600
+
+
+def bump_counter(name: str) -> None:
+    """Count an event under the app's prefix; a Redis failure loses a count, nothing else."""
+    st = stores()
+    key = f"{st.key_prefix}v1:count:{name}"
+    try:
+        pipe = st.redis.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, COUNTER_TTL)
+        pipe.execute()
+    except (redis.RedisError, OSError):
+        return
+
+
+def read_counter(name: str) -> int:
+    """A counter's value, 0 when missing or when Redis is unreachable."""
+    st = stores()
+    try:
+        return int(st.redis.get(f"{st.key_prefix}v1:count:{name}") or 0)
+    except (redis.RedisError, OSError):
+        return 0
+
+
+# =================================================================================================
+# Deliveries (the outbox)
+# =================================================================================================
+
+
+def claim_delivery(conn: Connection, delivery_id: int, lease_seconds: int) -> Row | None:
+    """Take a delivery for sending: pending, or sending with an expired lease. None = no-op.
+
+    One conditional UPDATE, so two workers holding the same message cannot both win.
+    """
+    now = utcnow()
+    result = conn.execute(
+        sa.update(deliveries)
+        .where(
+            deliveries.c.id == delivery_id,
+            sa.or_(
+                deliveries.c.status == "pending",
+                sa.and_(deliveries.c.status == "sending", deliveries.c.next_attempt_at < now),
+            ),
+        )
+        .values(
+            status="sending",
+            attempts=deliveries.c.attempts + 1,
+            next_attempt_at=now + dt.timedelta(seconds=lease_seconds),
+            updated_at=now,
+        )
+    )
+    if result.rowcount != 1:
+        return None
+    return conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
+
+
+def finish_delivery(
+    conn: Connection,
+    delivery_id: int,
+    status: str,
+    *,
+    error: str | None = None,
+    next_attempt_at: dt.datetime | None = None,
+) -> None:
+    """Record an attempt's outcome: done, dead, or pending again at ``next_attempt_at``."""
+    values: dict[str, Any] = {"status": status, "last_error": error, "updated_at": utcnow()}
+    if next_attempt_at is not None:
+        values["next_attempt_at"] = next_attempt_at
+    conn.execute(sa.update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
+
+
+def delivery_context(conn: Connection, delivery_id: int) -> Row | None:
+    """A delivery with its submission, form and owner, for building the message."""
+    query = (
+        sa.select(
+            deliveries.c.id.label("delivery_id"),
+            deliveries.c.kind,
+            deliveries.c.target,
+            deliveries.c.attempts,
+            submissions.c.id.label("submission_id"),
+            submissions.c.public_id.label("submission_public_id"),
+            submissions.c.data,
+            submissions.c.meta,
+            submissions.c.created_at,
+            submissions.c.is_spam,
+            forms.c.id.label("form_id"),
+            forms.c.public_id.label("form_public_id"),
+            forms.c.name.label("form_name"),
+            forms.c.webhook_url,
+            forms.c.webhook_secret,
+            users.c.email.label("owner_email"),
+            users.c.email_confirmed_at.label("owner_confirmed_at"),
+        )
+        .select_from(
+            deliveries.join(submissions, submissions.c.id == deliveries.c.submission_id)
+            .join(forms, forms.c.id == submissions.c.form_id)
+            .join(users, users.c.id == forms.c.owner_id)
+        )
+        .where(deliveries.c.id == delivery_id)
+    )
+    return conn.execute(query).one_or_none()
+
+
+def due_delivery_ids(conn: Connection, limit: int, push_back_seconds: int) -> list[int]:
+    """Rows to (re-)enqueue: pending and due, or stuck in sending past their lease.
+
+    Picked rows are pushed back ``push_back_seconds`` so the next sweep does not enqueue them
+    again while their message waits in the queue. On PostgreSQL concurrent sweepers skip each
+    other's rows (FOR UPDATE SKIP LOCKED).
+    """
+    now = utcnow()
+    query = (
+        sa.select(deliveries.c.id)
+        .where(
+            deliveries.c.status.in_(("pending", "sending")),
+            deliveries.c.next_attempt_at <= now,
+        )
+        .order_by(deliveries.c.next_attempt_at)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    ids = list(conn.execute(query).scalars())
+    if ids:
+        conn.execute(
+            sa.update(deliveries)
+            .where(deliveries.c.id.in_(ids), deliveries.c.status == "pending")
+            .values(next_attempt_at=now + dt.timedelta(seconds=push_back_seconds))
+        )
+    return ids
+
+
+def requeue_delivery(conn: Connection, delivery_id: int) -> bool:
+    """Replay a done or dead delivery: pending again, due now, attempts kept for the record."""
+    result = conn.execute(
+        sa.update(deliveries)
+        .where(deliveries.c.id == delivery_id, deliveries.c.status.in_(("done", "dead")))
+        .values(status="pending", next_attempt_at=utcnow(), last_error=None, updated_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def release_spam_deliveries(conn: Connection, submission_id: int) -> list[int]:
+    """Make a submission's held deliveries due now; their ids."""
+    ids = list(
+        conn.execute(
+            sa.select(deliveries.c.id).where(
+                deliveries.c.submission_id == submission_id, deliveries.c.status == "held"
+            )
+        ).scalars()
+    )
+    if ids:
+        conn.execute(
+            sa.update(deliveries)
+            .where(deliveries.c.id.in_(ids))
+            .values(status="pending", next_attempt_at=utcnow(), updated_at=utcnow())
+        )
+    return ids
+
+
+def disable_webhook(conn: Connection, form_id: int) -> None:
+    """Turn a form's webhook off (its receiver answered 410 Gone)."""
+    conn.execute(
+        sa.update(forms).where(forms.c.id == form_id).values(webhook_url=None, updated_at=utcnow())
+    )
+
+
+def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[Row]:
+    """A form's dead deliveries with their submission ids, newest first."""
+    return list(
+        conn.execute(
+            sa.select(deliveries, submissions.c.public_id.label("submission_public_id"))
+            .join(submissions, submissions.c.id == deliveries.c.submission_id)
+            .where(submissions.c.form_id == form_id, deliveries.c.status == "dead")
+            .order_by(deliveries.c.id.desc())
+            .limit(limit)
+        )
+    )

@@ -22,13 +22,14 @@ from wtforms import (
     IntegerField,
     PasswordField,
     RadioField,
+    SelectChoice,
     SelectField,
     StringField,
     TextAreaField,
     URLField,
 )
 from wtforms.validators import DataRequired, Email, EqualTo, Length, Optional, ValidationError
-from wtforms.widgets import DateInput, NumberInput
+from wtforms.widgets import DateInput, ListWidget, NumberInput
 
 EMAIL_MAX_LENGTH = 254
 PASSWORD_MAX_LENGTH = 128
@@ -260,6 +261,7 @@ def _spec_problems(item: Mapping[str, Any]) -> list[tuple[str, str]]:
     field_type = item.get("type", "text")
     if not isinstance(field_type, str) or field_type not in FIELD_TYPES:
         problems.append(("type", f"Use one of: {', '.join(FIELD_TYPES)}."))
+        field_type = "text"
     for key, limit in (("label", LABEL_MAX_LENGTH), ("help", HELP_MAX_LENGTH)):
         value = item.get(key)
         if value is not None and not isinstance(value, str):
@@ -530,9 +532,7 @@ def validate_submission(
     """
     if not isinstance(data, Mapping):
         return {}, {"_form": [MSG_NOT_A_MAPPING]}
-    submitted = [
-        (key if isinstance(key, str) else str(key), value) for key, value in data.items()
-    ]
+    submitted = [(key if isinstance(key, str) else str(key), value) for key, value in data.items()]
     submitted = [(key, value) for key, value in submitted if not key.startswith("_")]
     if len(submitted) > max_fields:
         return {}, {"_form": [f"Too many fields: at most {max_fields}."]}
@@ -668,7 +668,10 @@ class FormSettingsForm(FlaskForm):
     notify = BooleanField("Email me each submission", default=True)
     status = SelectField(
         "Status",
-        choices=[("active", "Active: accepting submissions"), ("paused", "Paused")],
+        choices=[
+            SelectChoice("active", "Active: accepting submissions"),
+            SelectChoice("paused", "Paused"),
+        ],
         default="active",
         invalid_choice_message="Choose active or paused.",
     )
@@ -744,6 +747,7 @@ def _whole_number_between(low: int, high: int, message: str) -> Any:
     """WTForms validator: the parsed int lies in [low, high] (parse errors are reported once)."""
 
     def check(form: Any, field: Any) -> None:
+        """Refuse a whole number outside the range; None means blank or already reported."""
         if field.data is not None and not low <= field.data <= high:
             raise ValidationError(message)
 
@@ -771,7 +775,7 @@ class FieldSpecForm(Form):
     )
     type = SelectField(
         "Type",
-        choices=list(FIELD_TYPE_LABELS.items()),
+        choices=[SelectChoice(value, label) for value, label in FIELD_TYPE_LABELS.items()],
         default="text",
         invalid_choice_message="Choose a field type from the list.",
     )
@@ -850,14 +854,16 @@ class FieldsForm(FlaskForm):
 
 
 def _row_formdata(entry: Any) -> dict[str, str]:
-    """One builder row's inputs as the browser sent them (raw text, so typos survive a re-render)."""
+    """One builder row's inputs as sent (raw text, so typing mistakes survive a re-render)."""
     row: dict[str, str] = {}
     for subfield in entry.form:
         if isinstance(subfield, BooleanField):
             if subfield.data:
                 row[subfield.short_name] = "y"
+        elif subfield.raw_data:
+            row[subfield.short_name] = str(subfield.raw_data[0])
         else:
-            row[subfield.short_name] = subfield._value()
+            row[subfield.short_name] = "" if subfield.data is None else str(subfield.data)
     return row
 
 
@@ -920,6 +926,15 @@ def fields_form_data(specs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # =============================================================================
 
 
+class _RadioList(ListWidget):
+    """The radio buttons' list, without `required`: that belongs on each button, not the list."""
+
+    def __call__(self, field: Any, **kwargs: Any) -> Any:
+        """Render the list; the buttons still get `required` from the field's `render_kw`."""
+        kwargs.pop("required", None)
+        return super().__call__(field, **kwargs)
+
+
 def _hosted_field(spec: Mapping[str, Any]) -> Any:
     """The unbound WTForms field that renders one spec, with browser-side hints."""
     render_kw: dict[str, Any] = {}
@@ -950,11 +965,13 @@ def _hosted_field(spec: Mapping[str, Any]) -> Any:
     if kind == "date":
         return StringField(widget=DateInput(), **options)
     if kind == "select":
-        choices = [("", "Choose one"), *((c, c) for c in spec["choices"])]
+        choices = [SelectChoice("", "Choose one"), *(SelectChoice(c) for c in spec["choices"])]
         return SelectField(choices=choices, validate_choice=False, **options)
     if kind == "radio":
-        choices = [(c, c) for c in spec["choices"]]
-        return RadioField(choices=choices, validate_choice=False, **options)
+        choices = [SelectChoice(c) for c in spec["choices"]]
+        return RadioField(
+            choices=choices, validate_choice=False, widget=_RadioList(prefix_label=False), **options
+        )
     if kind == "checkbox":
         render_kw["value"] = "on"
         return BooleanField(false_values=tuple(CHECKBOX_FALSE), **options)
@@ -967,16 +984,13 @@ def hosted_form_class(fields: Sequence[Mapping[str, Any]]) -> type[FlaskForm]:
     For rendering only: validate the POST with `validate_submission` and show its errors with
     `attach_errors`. Fields sit under attribute names `field_<i>` with their HTML name set to the
     spec's name, so names like `data` or `errors` cannot clash with the form's own attributes;
-    iterate the form to render it. There is no CSRF token: the page posts to the public,
-    cross-site submission endpoint, and a `csrf_token` key would arrive as submitted data.
+    iterate the form to render it. CSRF follows the app's setting, like every FlaskForm, so the
+    caller must drop the `csrf_token` key before validating the submitted data.
     """
     specs = _schema_specs(fields) or _schema_specs(DEFAULT_FIELDS)
 
     class HostedForm(FlaskForm):
         """The hosted page's form, built from a field schema."""
-
-        class Meta:
-            csrf = False
 
     for index, spec in enumerate(specs):
         setattr(HostedForm, f"field_{index}", _hosted_field(spec))
@@ -998,3 +1012,26 @@ def attach_errors(form: Form, errors: Mapping[str, Sequence[str]]) -> None:
             form.form_errors.extend(messages)
         else:
             form.form_errors.extend(f"{key}: {message}" for message in messages)
+
+
+# =============================================================================
+# Owner forms: the webhook
+# =============================================================================
+
+
+class WebhookForm(FlaskForm):
+    """The form's webhook address; empty removes it."""
+
+    url = URLField(
+        "Webhook URL",
+        filters=[_strip_filter],
+        validators=[
+            Optional(),
+            Length(max=2000, message="Use at most 2000 characters."),
+        ],
+    )
+
+    def validate_url(self, field: Any) -> None:
+        """Only absolute http(s) URLs; the address check happens in services."""
+        if field.data and not is_http_url(field.data):
+            raise ValidationError("Use a full http:// or https:// address.")

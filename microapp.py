@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import structlog
 from flask import (
     Blueprint,
     Flask,
+    abort,
     current_app,
     flash,
     g,
@@ -35,6 +37,7 @@ from flask import (
     request_finished,
     request_started,
     session,
+    stream_with_context,
     url_for,
 )
 from flask_wtf.csrf import CSRFError, CSRFProtect
@@ -102,6 +105,13 @@ class Settings(BaseSettings):
     password_min_length: int = 8
     confirm_token_max_age: int = 3 * 24 * 3600
 
+    delivery_retry_schedule: list[int] = [0, 30, 120, 600, 1800, 3600, 10800, 21600, 43200, 86400]
+    delivery_lease_seconds: int = 300
+    sweep_interval: int = 30
+    webhook_allow_private: bool = False
+    webhook_connect_timeout: float = 5.0
+    webhook_read_timeout: float = 15.0
+
     submission_max_bytes: int = 64 * 1024
     submission_max_fields: int = 100
     submission_max_value_length: int = 10_000
@@ -155,6 +165,7 @@ class Settings(BaseSettings):
         "port", "web_threads", "trusted_proxy_count", "celery_visibility_timeout",
         "celery_task_soft_time_limit", "celery_task_time_limit", "worker_concurrency",
         "smtp_port", "password_min_length", "confirm_token_max_age", "submission_max_bytes",
+        "delivery_lease_seconds", "sweep_interval",
         "submission_max_fields", "submission_max_value_length", "max_content_length",
     )  # fmt: skip
     @classmethod
@@ -164,7 +175,17 @@ class Settings(BaseSettings):
             raise ValueError("must be greater than 0")
         return value
 
-    @field_validator("redis_timeout", "smtp_timeout")
+    @field_validator("delivery_retry_schedule")
+    @classmethod
+    def _check_schedule(cls, value: list[int]) -> list[int]:
+        """At least one attempt; delays are seconds, never negative."""
+        if not value or any(delay < 0 for delay in value):
+            raise ValueError("must list at least one delay, each 0 seconds or more")
+        return value
+
+    @field_validator(
+        "redis_timeout", "smtp_timeout", "webhook_connect_timeout", "webhook_read_timeout"
+    )
     @classmethod
     def _positive_seconds(cls, value: float) -> float:
         """Timeouts are positive seconds."""
@@ -360,6 +381,7 @@ def create_app(**overrides: Any) -> Flask:
     app.before_request(_load_user)
     app.context_processor(lambda: {"current_user": g.get("user"), "mode": settings.mode})
     request_started.connect(_bind_request, app)
+    request_started.connect(_limit_public_bodies, app)
     request_finished.connect(_log_request, app)
 
     if settings.database_url_or_default.startswith("sqlite"):
@@ -533,8 +555,238 @@ def resend_confirmation() -> Any:
 @pages.get("/forms")
 @login_required
 def forms_index() -> str:
-    """The owner's forms."""
-    return render_template("forms_index.html")
+    """The owner's forms with submission counts and the newest submission time."""
+    return render_template("forms_index.html", forms=services.list_forms(g.user.id))
+
+
+def _owned_form(public_id: str) -> dal.Row:
+    """The logged-in owner's form, or 404 (also for someone else's form)."""
+    try:
+        return services.owned_form(g.user.id, public_id)
+    except services.NotFound:
+        abort(404)
+
+
+def _owned_submission(form: dal.Row, submission_id: str) -> dal.Row:
+    """A submission of the owner's form, or 404."""
+    try:
+        return services.owned_submission(form, submission_id)
+    except services.NotFound:
+        abort(404)
+
+
+@pages.route("/forms/new", methods=["GET", "POST"])
+@login_required
+def form_new() -> Any:
+    """Create a form."""
+    form = forms.FormSettingsForm()
+    if form.validate_on_submit():
+        created = services.create_form(g.user.id, forms.settings_values(form))
+        flash(f"Form “{created.name}” created. Paste the snippet below into your site.", "success")
+        return redirect(url_for("pages.form_inbox", public_id=created.public_id))
+    status = 422 if form.errors else 200
+    return render_template("form_settings.html", form=form, record=None), status
+
+
+@pages.route("/forms/<public_id>/settings", methods=["GET", "POST"])
+@login_required
+def form_settings(public_id: str) -> Any:
+    """Change a form's settings."""
+    record = _owned_form(public_id)
+    if request.method == "GET":
+        return _render_settings(record)
+    form = forms.FormSettingsForm()
+    if form.validate_on_submit():
+        services.update_form_settings(record, forms.settings_values(form))
+        flash("Settings saved.", "success")
+        return redirect(url_for("pages.form_settings", public_id=public_id))
+    return _render_settings(record, form=form), 422
+
+
+@pages.post("/forms/<public_id>/webhook")
+@login_required
+def form_webhook(public_id: str) -> Any:
+    """Save, test or re-key the form's webhook (buttons named ``action``)."""
+    record = _owned_form(public_id)
+    webhook_form = forms.WebhookForm()
+    action = request.form.get("action", "save")
+    if not webhook_form.validate_on_submit():
+        return _render_settings(record, webhook_form=webhook_form), 422
+    if action == "test":
+        flash(services.send_test_event(record), "info")
+    elif action == "rotate":
+        services.rotate_webhook_secret(record)
+        flash("New signing secret created. Give it to your receiver.", "success")
+    else:
+        url = webhook_form.url.data or None
+        problem = services.check_webhook_url(url) if url else None
+        if problem:
+            webhook_form.url.errors.append(f"This address cannot receive webhooks: {problem}.")
+            return _render_settings(record, webhook_form=webhook_form), 422
+        services.set_webhook(record, url)
+        flash("Webhook saved." if url else "Webhook removed.", "success")
+    return redirect(url_for("pages.form_settings", public_id=public_id) + "#webhook")
+
+
+def _render_settings(record: dal.Row, form: Any = None, webhook_form: Any = None) -> str:
+    """The settings page with its two forms."""
+    if form is None:
+        form = forms.FormSettingsForm(data=forms.settings_form_data(record._mapping))
+    if webhook_form is None:
+        webhook_form = forms.WebhookForm(data={"url": record.webhook_url or ""})
+    return render_template(
+        "form_settings.html", form=form, record=record, webhook_form=webhook_form
+    )
+
+
+@pages.route("/forms/<public_id>/fields", methods=["GET", "POST"])
+@login_required
+def form_fields(public_id: str) -> Any:
+    """The field builder: add, remove, reorder and save fields without JavaScript."""
+    record = _owned_form(public_id)
+    if request.method == "GET":
+        form = forms.FieldsForm(data=forms.fields_form_data(record.fields or []))
+        return render_template("form_fields.html", form=form, record=record)
+    form = forms.FieldsForm()
+    action = request.form.get("action", "save")
+    if forms.apply_builder_action(form, action):
+        return render_template("form_fields.html", form=form, record=record)
+    if form.validate_on_submit():
+        services.save_fields(record, forms.field_specs(form))
+        flash("Fields saved. The hosted page and validation use them from now on.", "success")
+        return redirect(url_for("pages.form_fields", public_id=public_id))
+    return render_template("form_fields.html", form=form, record=record), 422
+
+
+@pages.get("/forms/<public_id>")
+@login_required
+def form_inbox(public_id: str) -> str:
+    """The inbox: newest first, keyset pages, search and a spam filter; the install panel."""
+    record = _owned_form(public_id)
+    query = request.args.get("q", "").strip()[:200]
+    spam = request.args.get("spam") == "1"
+    before = request.args.get("before", type=int)
+    rows, next_before = services.inbox_page(record, before=before, query=query, spam=spam)
+    return render_template(
+        "form_inbox.html",
+        record=record,
+        submissions=rows,
+        next_before=next_before,
+        query=query,
+        spam=spam,
+        before=before,
+        snippets=services.install_snippets(record),
+    )
+
+
+@pages.get("/forms/<public_id>/submissions/<submission_id>")
+@login_required
+def submission_detail(public_id: str, submission_id: str) -> str:
+    """One submission with every field, when and from where, and its delivery log."""
+    record = _owned_form(public_id)
+    submission = _owned_submission(record, submission_id)
+    return render_template(
+        "submission.html",
+        record=record,
+        submission=submission,
+        deliveries=services.submission_deliveries(submission),
+        action_form=forms.ActionForm(),
+    )
+
+
+@pages.post("/forms/<public_id>/submissions/<submission_id>/spam")
+@login_required
+def submission_mark(public_id: str, submission_id: str) -> Any:
+    """Mark a submission spam or not spam."""
+    record = _owned_form(public_id)
+    submission = _owned_submission(record, submission_id)
+    if forms.ActionForm().validate_on_submit():
+        is_spam = request.form.get("spam") == "1"
+        services.mark_spam(submission, is_spam)
+        flash("Marked as spam." if is_spam else "Marked as not spam.", "success")
+    return redirect(
+        url_for("pages.submission_detail", public_id=public_id, submission_id=submission_id)
+    )
+
+
+@pages.post("/forms/<public_id>/submissions/<submission_id>/delete")
+@login_required
+def submission_delete(public_id: str, submission_id: str) -> Any:
+    """Delete one submission."""
+    record = _owned_form(public_id)
+    submission = _owned_submission(record, submission_id)
+    if forms.ActionForm().validate_on_submit():
+        services.delete_submission(submission)
+        flash("Submission deleted.", "success")
+    return redirect(url_for("pages.form_inbox", public_id=public_id))
+
+
+@pages.post("/forms/<public_id>/submissions/<submission_id>/deliveries/<int:delivery_id>/replay")
+@login_required
+def delivery_replay(public_id: str, submission_id: str, delivery_id: int) -> Any:
+    """Send a done or dead delivery again."""
+    record = _owned_form(public_id)
+    submission = _owned_submission(record, submission_id)
+    if forms.ActionForm().validate_on_submit():
+        if services.replay_delivery(submission, delivery_id):
+            flash("Delivery queued again.", "success")
+        else:
+            abort(404)
+    return redirect(
+        url_for("pages.submission_detail", public_id=public_id, submission_id=submission_id)
+    )
+
+
+@pages.get("/forms/<public_id>/deliveries/dead")
+@login_required
+def dead_deliveries(public_id: str) -> str:
+    """Deliveries that ran out of attempts, each with a way to replay it."""
+    record = _owned_form(public_id)
+    return render_template(
+        "dead_deliveries.html",
+        record=record,
+        deliveries=services.dead_deliveries(record),
+        action_form=forms.ActionForm(),
+    )
+
+
+@pages.get("/forms/<public_id>/export.csv")
+@login_required
+def export_csv(public_id: str) -> Any:
+    """Every submission as CSV, streamed."""
+    record = _owned_form(public_id)
+    return _download(services.export_csv(record), record, "csv", "text/csv; charset=utf-8")
+
+
+@pages.get("/forms/<public_id>/export.json")
+@login_required
+def export_json(public_id: str) -> Any:
+    """Every submission as JSON, streamed."""
+    record = _owned_form(public_id)
+    return _download(services.export_json(record), record, "json", "application/json")
+
+
+def _download(chunks: Any, record: dal.Row, extension: str, mimetype: str) -> Any:
+    """A streamed attachment named after the form."""
+    response = current_app.response_class(stream_with_context(chunks), mimetype=mimetype)
+    response.headers["Content-Disposition"] = (
+        f'attachment; filename="mailslot-{record.public_id}.{extension}"'
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@pages.route("/forms/<public_id>/delete", methods=["GET", "POST"])
+@login_required
+def form_delete(public_id: str) -> Any:
+    """Confirm, then delete a form and all its data."""
+    record = _owned_form(public_id)
+    form = forms.ActionForm()
+    if form.validate_on_submit():
+        services.delete_form(record)
+        flash(f"Form “{record.name}” and its submissions were deleted.", "success")
+        return redirect(url_for("pages.forms_index"))
+    return render_template("form_delete.html", record=record, form=form)
 
 
 # =================================================================================================
@@ -542,6 +794,141 @@ def forms_index() -> str:
 # =================================================================================================
 
 public = Blueprint("public", __name__)
+
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def _limit_public_bodies(sender: Flask, **_extra: Any) -> None:
+    """Submission bodies have their own, smaller limit; set before anything reads the body."""
+    if request.path.startswith("/f/"):
+        request.max_content_length = app_settings().submission_max_bytes
+
+
+def _read_payload() -> services.Payload:
+    """Parse the body of a submission, whatever kind of client sent it."""
+    if request.mimetype == "application/json":
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            return services.Payload("invalid_json")
+        return services.Payload("json", data)
+    if request.mimetype in _FORM_TYPES:
+        values = {key: items for key, items in request.form.to_dict(flat=False).items()}
+        has_files = any(f.filename for f in request.files.values())
+        return services.Payload("form", values, has_files=has_files)
+    return services.Payload("unsupported")
+
+
+def _wants_json_answer() -> bool:
+    """AJAX and API clients get JSON answers; a plain browser post gets redirected."""
+    return (
+        request.is_json
+        or request.headers.get("X-Requested-With") == "XMLHttpRequest"
+        or wants_json()
+    )
+
+
+def _intake(public_id: str, hosted: bool) -> services.IntakeResult:
+    """Run intake for this request."""
+    return services.record_submission(
+        services.IntakeRequest(
+            public_id=public_id,
+            payload=_read_payload(),
+            origin=request.headers.get("Origin"),
+            referrer=request.referrer,
+            client_ip=request.remote_addr,
+            user_agent=request.user_agent.string,
+            hosted=hosted,
+        )
+    )
+
+
+@public.post("/f/<public_id>")
+def submit(public_id: str) -> Any:
+    """The endpoint any website's form posts to."""
+    try:
+        result = _intake(public_id, hosted=False)
+    except services.FormUnavailable as exc:
+        if _wants_json_answer():
+            return jsonify(ok=False, error=exc.message), exc.status
+        return error_response(exc.status, exc.message)
+    g.public_form = result.form
+    if result.outcome == "invalid":
+        if _wants_json_answer():
+            return jsonify(ok=False, errors=result.errors), 422
+        return render_template("submit_errors.html", record=result.form, errors=result.errors), 422
+    if _wants_json_answer():
+        return jsonify(ok=True, id=result.submission_id), 201
+    return redirect(result.redirect_to, 303)
+
+
+@public.route("/f/<public_id>", methods=["OPTIONS"], provide_automatic_options=False)
+def submit_preflight(public_id: str) -> Any:
+    """CORS preflight for fetch() from the form's allowed sites."""
+    try:
+        g.public_form = services.public_form(public_id)
+    except services.FormUnavailable:
+        g.public_form = None
+    response = current_app.response_class(status=204)
+    response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+    response.headers["Access-Control-Allow-Headers"] = "Content-Type, Accept, X-Requested-With"
+    response.headers["Access-Control-Max-Age"] = "86400"
+    return response
+
+
+csrf.exempt(submit)
+csrf.exempt(submit_preflight)
+
+
+@public.after_request
+def _cors(response: Any) -> Any:
+    """Let allowed sites read the endpoint's answers (any site when no list is set)."""
+    if request.endpoint in ("public.submit", "public.submit_preflight"):
+        allowed = services.cors_origin(g.get("public_form"), request.headers.get("Origin"))
+        if allowed:
+            response.headers["Access-Control-Allow-Origin"] = allowed
+        response.vary.add("Origin")
+    return response
+
+
+@public.get("/f/<public_id>")
+def hosted_page(public_id: str) -> Any:
+    """The form page Mailslot hosts for owners without a website."""
+    try:
+        record = services.public_form(public_id)
+    except services.FormUnavailable as exc:
+        return error_response(exc.status, exc.message)
+    form = forms.hosted_form_class(record.fields or [])()
+    return render_template("hosted.html", record=record, form=form)
+
+
+@public.post("/f/<public_id>/page")
+def hosted_submit(public_id: str) -> Any:
+    """The hosted page's own submit: CSRF-protected, errors shown beside each field."""
+    try:
+        record = services.public_form(public_id)
+    except services.FormUnavailable as exc:
+        return error_response(exc.status, exc.message)
+    form = forms.hosted_form_class(record.fields or [])()
+    if not form.validate_on_submit():  # only the CSRF token has WTForms validators
+        return render_template("hosted.html", record=record, form=form), 400
+    try:
+        result = _intake(public_id, hosted=True)
+    except services.FormUnavailable as exc:
+        return error_response(exc.status, exc.message)
+    if result.outcome == "invalid":
+        forms.attach_errors(form, result.errors)
+        return render_template("hosted.html", record=record, form=form), 422
+    return redirect(result.redirect_to, 303)
+
+
+@public.get("/f/<public_id>/thanks")
+def thanks(public_id: str) -> Any:
+    """Where a submitter lands when the owner set no redirect."""
+    try:
+        record = services.public_form(public_id)
+    except services.FormUnavailable as exc:
+        return error_response(exc.status, exc.message)
+    return render_template("thanks.html", record=record)
 
 
 @public.get("/healthz")
@@ -657,6 +1044,23 @@ def _register_error_handlers(app: Flask) -> None:
 # =================================================================================================
 
 
+def _start_embedded_sweeper(app: Flask, interval: int) -> threading.Thread:
+    """With no worker to run beat, one background thread retries due deliveries."""
+
+    def sweep_forever() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                with app.app_context():
+                    tasks.sweep(inline=True)
+            except Exception:
+                log.exception("outbox.sweep_failed")
+
+    thread = threading.Thread(target=sweep_forever, name="outbox-sweeper", daemon=True)
+    thread.start()
+    return thread
+
+
 def _register_cli(app: Flask) -> None:
     """Commands run as ``flask --app microapp <command>``."""
 
@@ -668,6 +1072,17 @@ def _register_cli(app: Flask) -> None:
         except dal.SchemaMismatch as exc:
             raise click.ClickException(str(exc)) from None
         click.echo("Initialised the database." if created else "The database is up to date.")
+
+    @app.cli.command("deliver-pending")
+    def deliver_pending_command() -> None:
+        """Deliver every due outbox row right here (for hosts with no worker: cron, serverless)."""
+        total = 0
+        while True:
+            count = tasks.sweep(inline=True)
+            total += count
+            if count == 0:
+                break
+        click.echo(f"Delivered or rescheduled {total} pending deliveries.")
 
     @app.cli.command("serve")
     @click.option("--host", default=None, help="Address to bind (default: HOST).")
@@ -691,5 +1106,7 @@ def _register_cli(app: Flask) -> None:
                 trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"},
                 clear_untrusted_proxy_headers=True,
             )
+        if settings.embedded:
+            _start_embedded_sweeper(app, settings.sweep_interval)
         log.info("serve", url=f"http://{host}:{port}", mode=settings.mode)
         waitress.serve(app, **options)

@@ -5,7 +5,20 @@ Nothing here touches ``request`` or ``session`` or renders a page; views pass pl
 
 from __future__ import annotations
 
+import base64
+import csv
+import hashlib
+import hmac
+import html
+import io
+import ipaddress
+import json
+import secrets
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import structlog
 from flask import current_app
@@ -14,6 +27,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from werkzeug.security import check_password_hash, generate_password_hash
 
 import dal
+import forms
 import tasks
 
 log = structlog.get_logger("mailslot.services")
@@ -139,6 +153,599 @@ def confirm_email(token: str) -> str:
             return "already"
     log.info("account.confirmed", user=user_id)
     return "confirmed"
+
+
+# =================================================================================================
+# Forms (the owner's side)
+# =================================================================================================
+
+
+class NotFound(LookupError):
+    """The thing does not exist, or belongs to someone else: both answer 404."""
+
+
+def new_public_id() -> str:
+    """A random, URL-safe public id with 128 bits of entropy."""
+    return secrets.token_urlsafe(16)
+
+
+def list_forms(owner_id: int) -> list[dal.Row]:
+    """The owner's forms with their submission counts and newest submission time."""
+    with dal.connection() as conn:
+        return dal.forms_with_counts(conn, owner_id)
+
+
+def owned_form(owner_id: int, public_id: str) -> dal.Row:
+    """The owner's form, or NotFound whether it is missing or someone else's."""
+    with dal.connection() as conn:
+        form = dal.owned_form(conn, owner_id, public_id)
+    if form is None:
+        raise NotFound(public_id)
+    return form
+
+
+def create_form(owner_id: int, values: dict[str, Any]) -> dal.Row:
+    """Create a form from cleaned settings values."""
+    with dal.transaction() as conn:
+        form = dal.insert_form(conn, owner_id, new_public_id(), values)
+    log.info("form.created", form=form.public_id)
+    return form
+
+
+def update_form_settings(form: dal.Row, values: dict[str, Any]) -> None:
+    """Save a form's settings."""
+    with dal.transaction() as conn:
+        dal.update_form(conn, form.id, values)
+    log.info("form.updated", form=form.public_id)
+
+
+def save_fields(form: dal.Row, specs: list[dict[str, Any]]) -> None:
+    """Store a new field schema; its version goes up so old submissions keep their meaning."""
+    with dal.transaction() as conn:
+        dal.bump_schema_version(conn, form.id, specs)
+    log.info("form.fields_saved", form=form.public_id, fields=len(specs))
+
+
+def delete_form(form: dal.Row) -> None:
+    """Remove a form and everything stored for it."""
+    with dal.transaction() as conn:
+        dal.delete_form(conn, form.id)
+    log.info("form.deleted", form=form.public_id)
+
+
+INBOX_PAGE_SIZE = 50
+
+
+def inbox_page(
+    form: dal.Row, *, before: int | None, query: str, spam: bool
+) -> tuple[list[dal.Row], int | None]:
+    """One page of the inbox, newest first, and the ``before`` cursor of the next page."""
+    with dal.connection() as conn:
+        rows = dal.submission_page(
+            conn, form.id, before=before, limit=INBOX_PAGE_SIZE + 1, query=query, spam=spam
+        )
+    more = len(rows) > INBOX_PAGE_SIZE
+    rows = rows[:INBOX_PAGE_SIZE]
+    return rows, (rows[-1].id if more else None)
+
+
+def owned_submission(form: dal.Row, public_id: str) -> dal.Row:
+    """A submission of this (already owned) form, or NotFound."""
+    with dal.connection() as conn:
+        submission = dal.submission_in_form(conn, form.id, public_id)
+    if submission is None:
+        raise NotFound(public_id)
+    return submission
+
+
+def submission_deliveries(submission: dal.Row) -> list[dal.Row]:
+    """The delivery log of one submission."""
+    with dal.connection() as conn:
+        return dal.deliveries_for(conn, submission.id)
+
+
+def mark_spam(submission: dal.Row, is_spam: bool) -> None:
+    """The owner's verdict on a submission."""
+    reason = "marked as spam by the owner" if is_spam else None
+    with dal.transaction() as conn:
+        dal.set_spam(conn, submission.id, is_spam, reason)
+    log.info("submission.marked", submission=submission.public_id, spam=is_spam)
+
+
+def delete_submission(submission: dal.Row) -> None:
+    """Remove one submission."""
+    with dal.transaction() as conn:
+        dal.delete_submission(conn, submission.id)
+    log.info("submission.deleted", submission=submission.public_id)
+
+
+def endpoint_url(form: dal.Row) -> str:
+    """The address a website's form posts to."""
+    return f"{settings().base_url}/f/{form.public_id}"
+
+
+def install_snippets(form: dal.Row) -> dict[str, str]:
+    """Ready-to-paste HTML and fetch() code for this form, and its hosted page link."""
+    action = endpoint_url(form)
+    fields = form.fields or forms.DEFAULT_FIELDS
+    inputs = []
+    for spec in fields:
+        name = html.escape(spec["name"])
+        label = html.escape(spec.get("label") or spec["name"])
+        required = " required" if spec.get("required") else ""
+        kind = spec.get("type", "text")
+        if kind == "textarea":
+            control = f'<textarea name="{name}"{required}></textarea>'
+        elif kind in ("select", "radio"):
+            options = "".join(
+                f'<option value="{html.escape(c)}">{html.escape(c)}</option>'
+                for c in spec.get("choices", [])
+            )
+            control = f'<select name="{name}"{required}>{options}</select>'
+        elif kind == "checkbox":
+            control = f'<input type="checkbox" name="{name}"{required}>'
+        else:
+            control = f'<input type="{html.escape(kind)}" name="{name}"{required}>'
+        inputs.append(f"  <label>{label}\n    {control}\n  </label>")
+    honeypot = html.escape(form.honeypot_field)
+    html_snippet = "\n".join(
+        [
+            f'<form action="{html.escape(action)}" method="POST">',
+            *inputs,
+            "  <!-- Spam trap: people never see this field, bots fill it in. -->",
+            f'  <input type="text" name="{honeypot}" tabindex="-1" autocomplete="off"'
+            ' aria-hidden="true" style="position:absolute;left:-5000px">',
+            '  <button type="submit">Send</button>',
+            "</form>",
+        ]
+    )
+    fetch_snippet = "\n".join(
+        [
+            "form.addEventListener('submit', async (event) => {",
+            "  event.preventDefault();",
+            f"  const response = await fetch({json.dumps(action)}, {{",
+            "    method: 'POST',",
+            "    body: new FormData(form),",
+            "    headers: { 'Accept': 'application/json' },",
+            "  });",
+            "  const result = await response.json();",
+            "  // result.ok === true, or result.errors = { field: ['message', ...] }",
+            "});",
+        ]
+    )
+    return {"html": html_snippet, "fetch": fetch_snippet, "hosted": action, "action": action}
+
+
+# =================================================================================================
+# Exports
+# =================================================================================================
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> str:
+    """A cell's text; text that a spreadsheet would run as a formula gets a leading '."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str) and text.startswith(_FORMULA_STARTS):
+        return "'" + text
+    return text
+
+
+def _export_columns(form: dal.Row) -> list[str]:
+    """Schema fields in order, then every other key seen in the data, in first-seen order."""
+    columns = [spec["name"] for spec in form.fields or []]
+    seen = set(columns)
+    with dal.connection() as conn:
+        for row in dal.iter_submissions(conn, form.id):
+            for key in row.data:
+                if key not in seen:
+                    seen.add(key)
+                    columns.append(key)
+    return columns
+
+
+def export_csv(form: dal.Row) -> Iterator[str]:
+    """The form's submissions as CSV (UTF-8 with BOM, RFC 4180), streamed row by row."""
+    columns = _export_columns(form)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+
+    def flush() -> str:
+        text = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        return text
+
+    writer.writerow(["id", "submitted_at", *(spreadsheet_safe(c) for c in columns)])
+    yield "\ufeff" + flush()
+    with dal.connection() as conn:
+        for row in dal.iter_submissions(conn, form.id):
+            writer.writerow(
+                [
+                    row.public_id,
+                    row.created_at.isoformat(),
+                    *(spreadsheet_safe(row.data.get(column)) for column in columns),
+                ]
+            )
+            yield flush()
+
+
+def export_json(form: dal.Row) -> Iterator[str]:
+    """The form's submissions as one JSON array, streamed one object at a time."""
+    yield "["
+    first = True
+    with dal.connection() as conn:
+        for row in dal.iter_submissions(conn, form.id):
+            item = {
+                "id": row.public_id,
+                "submitted_at": row.created_at.isoformat(),
+                "data": row.data,
+            }
+            yield ("\n" if first else ",\n") + json.dumps(item, ensure_ascii=False)
+            first = False
+    yield "\n]\n"
+
+
+# =================================================================================================
+# Submission intake (the public endpoint and the hosted page)
+# =================================================================================================
+
+
+class FormUnavailable(Exception):
+    """Intake refused before storing anything; ``status`` and ``message`` say why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Payload:
+    """What the view read from the request body, before any rule is applied."""
+
+    kind: str  # "form", "json", "invalid_json", "unsupported"
+    values: dict[str, Any] = field(default_factory=dict)
+    has_files: bool = False
+
+
+@dataclass
+class IntakeRequest:
+    """Everything intake needs to know about one request; no Flask objects."""
+
+    public_id: str
+    payload: Payload
+    origin: str | None = None
+    referrer: str | None = None
+    client_ip: str | None = None
+    user_agent: str | None = None
+    hosted: bool = False
+
+
+@dataclass
+class IntakeResult:
+    """What happened: stored, trapped by the honeypot, or refused with per-field errors."""
+
+    form: dal.Row
+    outcome: str  # "stored", "honeypot", "invalid"
+    submission_id: str = ""
+    errors: dict[str, list[str]] = field(default_factory=dict)
+    redirect_to: str = ""
+    delivery_ids: list[int] = field(default_factory=list)
+
+
+def public_form(public_id: str) -> dal.Row:
+    """A form by public id for the public side (cache seam: see the Redis issue)."""
+    with dal.connection() as conn:
+        form = dal.form_by_public_id(conn, public_id)
+    if form is None:
+        raise FormUnavailable(404, "There is no form at this address. Check the form's action URL.")
+    return form
+
+
+def _host_of(url: str | None) -> str | None:
+    """The lower-cased host[:port] of an absolute http(s) URL, or None."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not host:
+        return None
+    return f"{host}:{port}" if port else host
+
+
+def _site_allowed(form: dal.Row, host: str | None) -> bool:
+    """Whether a host may post to (and be redirected to by) this form."""
+    if host is None:
+        return False
+    own = _host_of(settings().base_url)
+    bare = host.split(":", 1)[0]
+    allowed = set(form.allowed_domains or [])
+    return host == own or host in allowed or bare in allowed
+
+
+def origin_allowed(form: dal.Row, origin: str | None, referrer: str | None) -> bool:
+    """Cross-site posts only from the allowed domains, when the owner listed any."""
+    if not form.allowed_domains:
+        return True
+    claimed = origin if origin and origin != "null" else referrer
+    if not claimed:
+        return True  # not a browser post from another page: nothing claims a site
+    return _site_allowed(form, _host_of(claimed))
+
+
+def cors_origin(form: dal.Row | None, origin: str | None) -> str | None:
+    """The Access-Control-Allow-Origin value for this origin, or None to send none."""
+    if form is None or not form.allowed_domains:
+        return "*"
+    if origin and _site_allowed(form, _host_of(origin)):
+        return origin
+    return None
+
+
+def safe_redirect(form: dal.Row, next_url: Any, posted_from: str | None) -> str | None:
+    """``_next`` resolved against the posting page, if it stays on a site this form trusts."""
+    if not isinstance(next_url, str) or not next_url or len(next_url) > 2000:
+        return None
+    if any(ord(ch) < 32 or ch == "\\" for ch in next_url):
+        return None
+    base = posted_from if _host_of(posted_from) else settings().base_url + "/"
+    target = urljoin(base, next_url)
+    host = _host_of(target)
+    if host is None or urlsplit(target).username is not None:
+        return None
+    trusted = _site_allowed(form, host) or (
+        not form.allowed_domains and host == _host_of(posted_from)
+    )
+    return target if trusted else None
+
+
+def hash_ip(ip: str | None) -> str | None:
+    """A salted hash of the client address: enough to count, never the address itself."""
+    if not ip:
+        return None
+    key = current_app.secret_key.encode() if isinstance(current_app.secret_key, str) else b""
+    return hmac.new(key, ip.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _control_value(values: dict[str, Any], name: str) -> str | None:
+    """A control field's value as one string, or None."""
+    value = values.get(name)
+    if isinstance(value, list):
+        value = value[0] if len(value) == 1 else None
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def record_submission(req: IntakeRequest) -> IntakeResult:
+    """Intake: find the form, check it accepts this post, trap bots, validate, store, enqueue."""
+    form = public_form(req.public_id)
+    if form.status != "active":
+        raise FormUnavailable(403, "This form is paused and is not accepting submissions.")
+    if not req.hosted and not origin_allowed(form, req.origin, req.referrer):
+        raise FormUnavailable(403, "This form does not accept submissions from this website.")
+    # Seam: the Redis issue adds the per-IP and per-form rate limits here.
+    payload = req.payload
+    if payload.kind == "invalid_json":
+        raise FormUnavailable(400, "The body is not valid JSON. Send a JSON object of fields.")
+    if payload.kind == "unsupported":
+        raise FormUnavailable(
+            415,
+            "Send the form as application/x-www-form-urlencoded, multipart/form-data "
+            "or application/json.",
+        )
+    if payload.has_files:
+        raise FormUnavailable(
+            415, "File uploads are not supported yet. Remove the file field and send again."
+        )
+    values = payload.values
+    posted_from = req.referrer if not req.hosted else None
+    redirect_to = (
+        safe_redirect(form, values.get("_next"), posted_from)
+        or form.redirect_url
+        or f"{settings().base_url}/f/{form.public_id}/thanks"
+    )
+    if _control_value(values, form.honeypot_field):
+        dal.bump_counter(f"form:{form.id}:honeypot")
+        log.info("submission.honeypot", form=form.public_id)
+        return IntakeResult(form, "honeypot", new_public_id(), redirect_to=redirect_to)
+
+    meta = {
+        "subject": _control_value(values, "_subject"),
+        "reply_to": _control_value(values, "_replyto"),
+    }
+    data = {
+        key: value
+        for key, value in values.items()
+        if not key.startswith("_") and key != form.honeypot_field and key != "csrf_token"
+    }
+    schema = form.fields or (forms.DEFAULT_FIELDS if req.hosted else [])
+    conf = settings()
+    clean, errors = forms.validate_submission(
+        schema,
+        data,
+        strict=bool(form.strict or req.hosted),
+        max_fields=conf.submission_max_fields,
+        max_value_length=conf.submission_max_value_length,
+    )
+    if errors:
+        return IntakeResult(form, "invalid", errors=errors, redirect_to=redirect_to)
+
+    with dal.transaction() as conn:
+        submission = dal.insert_submission(
+            conn,
+            {
+                "public_id": new_public_id(),
+                "form_id": form.id,
+                "data": clean,
+                "schema_version": form.schema_version,
+                "is_spam": False,
+                "ip_hash": hash_ip(req.client_ip),
+                "user_agent": (req.user_agent or "")[:512] or None,
+                "referrer": (req.referrer or "")[:2000] or None,
+                "meta": {key: value for key, value in meta.items() if value},
+            },
+        )
+        delivery_ids = _queue_deliveries(conn, form, submission)
+    log.info("submission.stored", form=form.public_id, submission=submission.public_id)
+    dispatch_deliveries(delivery_ids)
+    return IntakeResult(
+        form,
+        "stored",
+        submission.public_id,
+        redirect_to=redirect_to,
+        delivery_ids=delivery_ids,
+    )
+
+
+def _queue_deliveries(conn: Any, form: dal.Row, submission: dal.Row) -> list[int]:
+    """Outbox rows for a new submission, in its transaction: email to a confirmed owner, webhook."""
+    ids = []
+    if form.notify:
+        owner = dal.owner_of_form(conn, form.id)
+        if owner is not None and owner.email_confirmed_at is not None:
+            ids.append(dal.insert_delivery(conn, submission.id, "email", owner.email))
+    if form.webhook_url:
+        ids.append(dal.insert_delivery(conn, submission.id, "webhook", form.webhook_url))
+    return ids
+
+
+def dispatch_deliveries(delivery_ids: list[int]) -> None:
+    """Hand committed outbox rows to the workers; rows that fail to enqueue wait for the sweeper."""
+    for delivery_id in delivery_ids:
+        tasks.enqueue(tasks.deliver, delivery_id)
+
+
+# =================================================================================================
+# Deliveries and webhooks (the owner's side; sending lives in tasks.py)
+# =================================================================================================
+
+
+def replay_delivery(submission: dal.Row, delivery_id: int) -> bool:
+    """Send a done or dead delivery of this submission again; False if there is none to replay."""
+    with dal.transaction() as conn:
+        owned = any(d.id == delivery_id for d in dal.deliveries_for(conn, submission.id))
+        replayed = owned and dal.requeue_delivery(conn, delivery_id)
+    if replayed:
+        log.info("delivery.replayed", submission=submission.public_id, delivery_id=delivery_id)
+        dispatch_deliveries([delivery_id])
+    return replayed
+
+
+def dead_deliveries(form: dal.Row) -> list[dal.Row]:
+    """The form's deliveries that ran out of attempts."""
+    with dal.connection() as conn:
+        return dal.dead_deliveries(conn, form.id)
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: whsec_ + base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def check_webhook_url(url: str) -> str | None:
+    """Why this URL cannot be a webhook target, or None when it can."""
+    try:
+        resolve_webhook_target(url, settings().webhook_allow_private)
+    except BlockedAddress as exc:
+        return str(exc)
+    return None
+
+
+def set_webhook(form: dal.Row, url: str | None) -> None:
+    """Set or remove the form's webhook; a first URL gets a fresh signing secret."""
+    values: dict[str, Any] = {"webhook_url": url or None}
+    if url and not form.webhook_secret:
+        values["webhook_secret"] = new_webhook_secret()
+    with dal.transaction() as conn:
+        dal.update_form(conn, form.id, values)
+    log.info("form.webhook_set", form=form.public_id, enabled=bool(url))
+
+
+def rotate_webhook_secret(form: dal.Row) -> None:
+    """Replace the signing secret; the receiver must be given the new one."""
+    with dal.transaction() as conn:
+        dal.update_form(conn, form.id, {"webhook_secret": new_webhook_secret()})
+    log.info("form.webhook_secret_rotated", form=form.public_id)
+
+
+def send_test_event(form: dal.Row) -> str:
+    """POST a signed webhook.test event now and say how the receiver answered."""
+    if not form.webhook_url or not form.webhook_secret:
+        return "Set a webhook URL first."
+    body = json.dumps(
+        {
+            "type": "webhook.test",
+            "timestamp": dal.utcnow().isoformat(),
+            "data": {"form": {"id": form.public_id, "name": form.name}},
+        }
+    ).encode()
+    try:
+        status, _ = tasks.post_webhook(
+            form.webhook_url, form.webhook_secret, f"msg_test_{new_public_id()}", body
+        )
+    except (tasks.PermanentFailure, tasks.TemporaryFailure) as exc:
+        return f"The test event failed: {exc}"
+    if 200 <= status < 300:
+        return f"The receiver answered {status}: the webhook works."
+    return f"The receiver answered {status}; only 2xx answers count as delivered."
+
+
+def sign_webhook(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """The Standard Webhooks signature: v1,base64(HMAC-SHA256(key, "id.timestamp.body"))."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+class BlockedAddress(ValueError):
+    """A webhook URL that is not http(s) or resolves to a non-public address."""
+
+
+def _address_is_public(address: str) -> bool:
+    """True only for globally routable unicast addresses (IPv4-mapped forms unwrapped)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def resolve_webhook_target(url: str, allow_private: bool) -> tuple[Any, list[str]]:
+    """Check a webhook URL and resolve it; every resolved address must be public.
+
+    Dotted, decimal, octal and hex spellings of an address all resolve to the same address,
+    so checking what the resolver returns covers them.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise BlockedAddress("only http:// and https:// webhook URLs are allowed")
+    if not parts.hostname or parts.username or parts.password:
+        raise BlockedAddress("the webhook URL needs a host name and no user name or password")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise BlockedAddress("the webhook URL has an invalid port") from None
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise BlockedAddress(f"the host {parts.hostname!r} does not resolve") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    if not addresses:
+        raise BlockedAddress(f"the host {parts.hostname!r} does not resolve")
+    if not allow_private:
+        blocked = [a for a in addresses if not _address_is_public(a)]
+        if blocked:
+            raise BlockedAddress(
+                f"the host {parts.hostname!r} resolves to a private or reserved address"
+            )
+    return parts, addresses
 
 
 # =================================================================================================

@@ -8,11 +8,16 @@ in the web process.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
+import json
+import random
 import smtplib
+import socket
 import ssl
+import time
 import uuid
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.utils import formataddr, formatdate, getaddresses, make_msgid, parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -21,6 +26,7 @@ from celery.signals import setup_logging, task_postrun, task_prerun
 from flask import Flask, current_app, render_template
 
 import dal
+import services
 
 if TYPE_CHECKING:
     from microapp import Settings
@@ -36,7 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery's configuration, derived from Settings: reliable delivery over fast delivery."""
     timeout = settings.redis_timeout
     config: dict[str, Any] = {
-        "broker_url": settings.redis_url or "memory://",
+        "broker_url": settings.redis_url or "memory://localhost/",
         "result_backend": settings.redis_url or None,
         "task_ignore_result": True,
         "task_default_queue": settings.celery_queue,
@@ -51,6 +57,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_max_retries": None,
         "broker_transport_options": {
             "visibility_timeout": settings.celery_visibility_timeout,
+            # Publishing makes one connection attempt: a down Redis must not stall a request.
+            # The worker's own reconnects follow broker_connection_max_retries (forever).
+            "max_retries": 0,
             "socket_connect_timeout": max(timeout, 1.0),
             "socket_timeout": max(timeout, 1.0),
         },
@@ -67,6 +76,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "timezone": "UTC",
+        "beat_schedule": {
+            "sweep-outbox": {"task": "tasks.sweep_outbox", "schedule": settings.sweep_interval},
+        },
     }
     return config
 
@@ -148,6 +160,290 @@ def send_confirmation_email(user_id: int, link: str) -> None:
         subject="Confirm your Mailslot address",
         text=render_template("email/confirm.txt", **context),
         html=render_template("email/confirm.html", **context),
+    )
+
+
+@shared_task
+def deliver(delivery_id: int) -> str:
+    """Send one outbox row (email or webhook). Safe to run twice: only one run claims the row."""
+    structlog.contextvars.bind_contextvars(delivery_id=delivery_id)
+    settings = current_app.extensions["mailslot.settings"]
+    with dal.transaction() as conn:
+        claimed = dal.claim_delivery(conn, delivery_id, settings.delivery_lease_seconds)
+        context = dal.delivery_context(conn, delivery_id) if claimed else None
+    if claimed is None or context is None:
+        log.info("delivery.skipped", reason="not claimable")
+        return "skipped"
+    structlog.contextvars.bind_contextvars(
+        submission=context.submission_public_id, form=context.form_public_id
+    )
+    try:
+        if context.kind == "email":
+            send_notification(context)
+        else:
+            send_webhook(context)
+    except PermanentFailure as exc:
+        return _record_failure(context, str(exc), permanent=True, gone=exc.gone)
+    except TemporaryFailure as exc:
+        return _record_failure(context, str(exc), retry_after=exc.retry_after)
+    except Exception as exc:
+        log.exception("delivery.error")
+        return _record_failure(context, f"{type(exc).__name__}: {exc}")
+    with dal.transaction() as conn:
+        dal.finish_delivery(conn, delivery_id, "done")
+    log.info("delivery.done", kind=context.kind, attempts=context.attempts)
+    return "done"
+
+
+class PermanentFailure(Exception):
+    """Trying again cannot help (5xx to RCPT, webhook refused by policy, 410 Gone)."""
+
+    def __init__(self, message: str, gone: bool = False) -> None:
+        super().__init__(message)
+        self.gone = gone
+
+
+class TemporaryFailure(Exception):
+    """Worth another attempt later (connection errors, 4xx SMTP, 429/5xx/timeouts)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def next_attempt_delay(
+    attempts: int, schedule: list[int], retry_after: float | None
+) -> float | None:
+    """Seconds until the next attempt after ``attempts`` tries, or None when none is left."""
+    if attempts >= len(schedule):
+        return None
+    delay = schedule[attempts] * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not secrecy
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, 24 * 3600))
+    return delay
+
+
+def _record_failure(
+    context: Any,
+    error: str,
+    *,
+    permanent: bool = False,
+    gone: bool = False,
+    retry_after: float | None = None,
+) -> str:
+    """Schedule the next attempt, or mark the delivery dead when none is left."""
+    settings = current_app.extensions["mailslot.settings"]
+    error = error[:1000]
+    delay = (
+        None
+        if permanent
+        else next_attempt_delay(context.attempts, settings.delivery_retry_schedule, retry_after)
+    )
+    with dal.transaction() as conn:
+        if delay is None:
+            dal.finish_delivery(conn, context.delivery_id, "dead", error=error)
+            if gone:
+                dal.disable_webhook(conn, context.form_id)
+        else:
+            when = dal.utcnow() + dt.timedelta(seconds=delay)
+            dal.finish_delivery(
+                conn, context.delivery_id, "pending", error=error, next_attempt_at=when
+            )
+    if delay is None:
+        log.warning("delivery.dead", kind=context.kind, attempts=context.attempts, error=error)
+        return "dead"
+    log.info("delivery.retry", kind=context.kind, attempts=context.attempts, in_s=round(delay))
+    return "retry"
+
+
+@shared_task
+def sweep_outbox() -> int:
+    """Beat task: enqueue deliveries that are due or whose lease ran out."""
+    return sweep(inline=False)
+
+
+def sweep(*, inline: bool, limit: int = 500) -> int:
+    """Find due deliveries and enqueue them (or, with no worker, deliver them right here)."""
+    settings = current_app.extensions["mailslot.settings"]
+    with dal.transaction() as conn:
+        ids = dal.due_delivery_ids(
+            conn, limit, push_back_seconds=0 if inline else settings.delivery_lease_seconds
+        )
+        if not inline:
+            for delivery_id in ids:
+                enqueue(deliver, delivery_id)
+    if inline:
+        for delivery_id in ids:
+            deliver.run(delivery_id)
+    if ids:
+        log.info("outbox.swept", count=len(ids), inline=inline)
+    return len(ids)
+
+
+# =================================================================================================
+# Notification email
+# =================================================================================================
+
+
+def reply_to_address(meta: dict[str, Any], data: dict[str, Any]) -> str | None:
+    """Reply-To from _replyto or an ``email`` field, only when it is exactly one plain address."""
+    candidate = meta.get("reply_to") or data.get("email")
+    if not isinstance(candidate, str) or "\r" in candidate or "\n" in candidate:
+        return None
+    addresses = getaddresses([candidate])
+    if len(addresses) != 1:
+        return None
+    name, address = addresses[0]
+    if not address or address.count("@") != 1 or " " in address or "," in candidate:
+        return None
+    return formataddr((name, address)) if name else address
+
+
+def send_notification(context: Any) -> None:
+    """Email the form's owner about one submission, only ever to the confirmed address."""
+    if context.owner_confirmed_at is None or context.target != context.owner_email:
+        raise PermanentFailure("the owner's address is not confirmed (or changed)")
+    settings = current_app.extensions["mailslot.settings"]
+    link = (
+        f"{settings.base_url}/forms/{context.form_public_id}"
+        f"/submissions/{context.submission_public_id}"
+    )
+    values = {
+        "form_name": context.form_name,
+        "data": context.data,
+        "received_at": context.created_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "link": link,
+    }
+    subject = context.meta.get("subject") or f"New submission: {context.form_name}"
+    try:
+        send_mail(
+            to=context.owner_email,
+            subject=subject,
+            text=render_template("email/submission.txt", **values),
+            html=render_template("email/submission.html", **values),
+            reply_to=reply_to_address(context.meta, context.data),
+        )
+    except smtplib.SMTPRecipientsRefused as exc:
+        codes = [code for code, _ in exc.recipients.values()]
+        message = f"recipient refused: {codes}"
+        if codes and all(code >= 500 for code in codes):
+            raise PermanentFailure(message) from None
+        raise TemporaryFailure(message) from None
+    except (smtplib.SMTPException, OSError) as exc:
+        raise TemporaryFailure(f"SMTP: {type(exc).__name__}: {exc}") from None
+
+
+# =================================================================================================
+# Webhooks
+# =================================================================================================
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to an address we checked, whatever the name resolves to now."""
+
+    def __init__(self, host: str, port: int, address: str, **kwargs: Any) -> None:
+        super().__init__(host, port, **kwargs)
+        self._address = address
+
+    def connect(self) -> None:
+        """Connect to the checked address."""
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to a checked address, verifying the certificate for the URL's host name."""
+
+    def __init__(self, host: str, port: int, address: str, **kwargs: Any) -> None:
+        super().__init__(host, port, context=ssl.create_default_context(), **kwargs)
+        self._address = address
+
+    def connect(self) -> None:
+        """Connect to the checked address, then TLS with SNI for the host name."""
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+def webhook_body(context: Any, timestamp: int) -> bytes:
+    """The JSON event for one submission."""
+    event = {
+        "type": "submission.created",
+        "timestamp": dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(),
+        "data": {
+            "form": {"id": context.form_public_id, "name": context.form_name},
+            "submission": {
+                "id": context.submission_public_id,
+                "created_at": context.created_at.isoformat(),
+                "data": context.data,
+            },
+        },
+    }
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def post_webhook(url: str, secret: str, message_id: str, body: bytes) -> tuple[int, dict[str, str]]:
+    """POST a signed body to a checked, pinned address; no redirects followed."""
+    settings = current_app.extensions["mailslot.settings"]
+    try:
+        parts, addresses = services.resolve_webhook_target(url, settings.webhook_allow_private)
+    except services.BlockedAddress as exc:
+        raise PermanentFailure(f"webhook refused: {exc}") from None
+    timestamp = int(time.time())
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "Mailslot-Webhooks/1",
+        "webhook-id": message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": services.sign_webhook(secret, message_id, timestamp, body),
+    }
+    connection_class = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection = connection_class(
+        parts.hostname, port, addresses[0], timeout=settings.webhook_connect_timeout
+    )
+    try:
+        connection.connect()
+        connection.sock.settimeout(settings.webhook_read_timeout)
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read(64 * 1024)
+        return response.status, {k.lower(): v for k, v in response.getheaders()}
+    except (OSError, http.client.HTTPException) as exc:
+        raise TemporaryFailure(f"webhook: {type(exc).__name__}: {exc}") from None
+    finally:
+        connection.close()
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header in seconds (delta or HTTP date), or None."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+
+
+def send_webhook(context: Any) -> None:
+    """Deliver the submission.created event; 2xx done, 410 disables, 429/5xx retry."""
+    if not context.webhook_url or not context.webhook_secret:
+        raise PermanentFailure("the form's webhook was removed")
+    body = webhook_body(context, int(time.time()))
+    status, headers = post_webhook(
+        context.target, context.webhook_secret, f"msg_{context.delivery_id}", body
+    )
+    if 200 <= status < 300:
+        return
+    if status == 410:
+        raise PermanentFailure("the receiver answered 410 Gone; webhook disabled", gone=True)
+    if 300 <= status < 400:
+        raise TemporaryFailure(f"the receiver answered {status} (redirects are not followed)")
+    raise TemporaryFailure(
+        f"the receiver answered {status}",
+        retry_after=_retry_after_seconds(headers.get("retry-after")),
     )
 
 

@@ -255,13 +255,23 @@ def free_port() -> int:
 class SMTPSink:
     """A real SMTP server (aiosmtpd) on 127.0.0.1 that keeps what it receives."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
         from aiosmtpd.controller import Controller
 
         self.messages: list[tuple[str, list[str], EmailMessage]] = []
         self.received = threading.Event()
-        self.port = free_port()
+        self.refuse_rcpt: str | None = None  # e.g. "550 5.1.1 no such user"
+        self.port = port or free_port()
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
+    ) -> str:
+        """Accept the recipient, unless the test asked for a refusal."""
+        if self.refuse_rcpt:
+            return self.refuse_rcpt
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         """Keep the envelope and the parsed message."""
@@ -278,3 +288,80 @@ def smtp_sink() -> Iterator[SMTPSink]:
     sink.controller.start()
     yield sink
     sink.controller.stop()
+
+
+# =================================================================================================
+# A webhook receiver
+# =================================================================================================
+
+
+class WebhookReceiver:
+    """A local HTTP server that records each POST and answers from a script.
+
+    ``script`` holds one entry per request: a status code, ``"timeout"`` (answer after
+    ``slow_seconds``), or ``"hold"`` (wait until ``release`` is set, then answer 200). When the
+    script runs out every request gets 200.
+    """
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        receiver = self
+        self.requests: list[dict[str, Any]] = []
+        self.script: list[Any] = []
+        self.slow_seconds = 2.0
+        self.release = threading.Event()
+        self.holding = threading.Event()
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.requests.append(
+                        {"path": self.path, "headers": dict(self.headers.items()), "body": body}
+                    )
+                    action = receiver.script.pop(0) if receiver.script else 200
+                extra: dict[str, str] = {}
+                if action == "timeout":
+                    receiver.release.wait(receiver.slow_seconds)
+                    action = 200
+                elif action == "hold":
+                    receiver.holding.set()
+                    receiver.release.wait(60)
+                    action = 200
+                elif isinstance(action, tuple):
+                    action, extra = action
+                try:
+                    self.send_response(action)
+                    for name, value in extra.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass
+
+            def log_message(self, *args: Any) -> None:
+                """Quiet."""
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        """The JSON bodies received, in order."""
+        import json
+
+        return [json.loads(r["body"]) for r in self.requests]
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    """A running webhook receiver."""
+    receiver = WebhookReceiver()
+    receiver.thread.start()
+    yield receiver
+    receiver.release.set()
+    receiver.server.shutdown()
+    receiver.server.server_close()

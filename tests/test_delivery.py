@@ -1,0 +1,499 @@
+"""Delivery: the outbox, the email and webhook tasks called directly, retries, SSRF, the sweeper."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import itertools
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+import dal
+import microapp
+import services
+import tasks
+from conftest import SMTPSink, WebhookReceiver, free_port
+
+
+@pytest.fixture
+def outbox_app(overrides: dict[str, Any], smtp_sink: SMTPSink) -> Flask:
+    """Connected mode with Redis unreachable: intake stores rows, nothing is sent until we say."""
+    app = microapp.create_app(
+        **overrides,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        mail_backend="smtp",
+        smtp_host="127.0.0.1",
+        smtp_port=smtp_sink.port,
+        smtp_starttls=False,
+        mail_from="Mailslot <noreply@mailslot.test>",
+        webhook_allow_private=True,
+        webhook_read_timeout=0.5,
+        delivery_retry_schedule=[0, 0, 0, 0, 0],
+    )
+    app.config["TESTING"] = True
+    return app
+
+
+def make_form(
+    app: Flask, *, webhook_url: str | None = None, notify: bool = True, confirmed: bool = True
+) -> dal.Row:
+    """An owner (confirmed unless told otherwise) with one lenient form."""
+    with app.app_context():
+        with dal.transaction() as conn:
+            owner = dal.insert_user(conn, f"owner{free_port()}@example.com", "x")
+            if confirmed:
+                dal.mark_email_confirmed(conn, owner.id, owner.email)
+        form = services.create_form(
+            owner.id,
+            {"name": "Contact", "notify": notify, "allowed_domains": [], "strict": False},
+        )
+        if webhook_url:
+            services.set_webhook(form, webhook_url)
+        return services.owned_form(owner.id, form.public_id)
+
+
+def submit(app: Flask, form: dal.Row, data: dict[str, Any]) -> str:
+    """Post a JSON submission; the submission's public id."""
+    response = app.test_client().post(f"/f/{form.public_id}", json=data)
+    assert response.status_code == 201, response.get_data(as_text=True)
+    return response.json["id"]
+
+
+def deliveries(app: Flask, kind: str | None = None) -> list[dal.Row]:
+    """Every delivery row, oldest first."""
+    with app.app_context(), dal.connection() as conn:
+        query = sa.select(dal.deliveries).order_by(dal.deliveries.c.id)
+        if kind:
+            query = query.where(dal.deliveries.c.kind == kind)
+        return list(conn.execute(query))
+
+
+def run(app: Flask, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a task function directly, inside the app context."""
+    with app.app_context():
+        return fn(*args)
+
+
+# --- the outbox -------------------------------------------------------------------------------
+
+
+def test_intake_writes_email_and_webhook_rows_in_the_submission_transaction(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver
+) -> None:
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url)
+    submit(outbox_app, form, {"message": "hi"})
+    rows = deliveries(outbox_app)
+    assert [(r.kind, r.status, r.attempts) for r in rows] == [
+        ("email", "pending", 0),
+        ("webhook", "pending", 0),
+    ]
+    assert rows[1].target == webhook_receiver.url
+
+
+def test_unconfirmed_owner_gets_no_email_row(outbox_app: Flask) -> None:
+    form = make_form(outbox_app, confirmed=False)
+    submit(outbox_app, form, {"message": "hi"})
+    assert deliveries(outbox_app) == []
+
+
+def test_notify_off_means_no_email_row(outbox_app: Flask) -> None:
+    form = make_form(outbox_app, notify=False)
+    submit(outbox_app, form, {"message": "hi"})
+    assert deliveries(outbox_app) == []
+
+
+# --- the email task ---------------------------------------------------------------------------
+
+
+def test_email_task_sends_the_notification_to_the_confirmed_owner(
+    outbox_app: Flask, smtp_sink: SMTPSink
+) -> None:
+    form = make_form(outbox_app)
+    sub_id = submit(
+        outbox_app,
+        form,
+        {"name": "Ada", "email": "ada@example.org", "message": "Hello there", "_subject": "Quote"},
+    )
+    [row] = deliveries(outbox_app)
+    assert run(outbox_app, tasks.deliver, row.id) == "done"
+    [(mail_from, recipients, message)] = smtp_sink.messages
+    assert mail_from == "noreply@mailslot.test"
+    assert recipients == [row.target]
+    assert message["Subject"] == "Quote"
+    assert message["Reply-To"] == "ada@example.org"
+    text = message.get_body(preferencelist=("plain",)).get_content()
+    assert "name: Ada" in text
+    assert "message: Hello there" in text
+    assert f"http://mailslot.test/forms/{form.public_id}/submissions/{sub_id}" in text
+    assert message.get_body(preferencelist=("html",)) is not None
+    assert deliveries(outbox_app)[0].status == "done"
+
+
+def test_default_subject_names_the_form(outbox_app: Flask, smtp_sink: SMTPSink) -> None:
+    form = make_form(outbox_app)
+    submit(outbox_app, form, {"message": "x"})
+    run(outbox_app, tasks.deliver, deliveries(outbox_app)[0].id)
+    assert smtp_sink.messages[0][2]["Subject"] == "New submission: Contact"
+    assert smtp_sink.messages[0][2]["Reply-To"] is None
+
+
+def test_header_injection_through_replyto_yields_one_recipient_and_no_bcc(
+    outbox_app: Flask, smtp_sink: SMTPSink
+) -> None:
+    form = make_form(outbox_app)
+    submit(
+        outbox_app,
+        form,
+        {
+            "message": "x",
+            "_replyto": "a@example.org\r\nBcc: x@y.example",
+            "_subject": "S\r\nBcc: z@y",
+        },
+    )
+    run(outbox_app, tasks.deliver, deliveries(outbox_app)[0].id)
+    [(_, recipients, message)] = smtp_sink.messages
+    assert len(recipients) == 1
+    assert message["Bcc"] is None
+    assert "\n" not in message["Subject"]
+    assert message["Reply-To"] is None  # not exactly one plain address: no Reply-To at all
+
+
+@pytest.mark.parametrize(
+    ("meta", "data", "expected"),
+    [
+        ({"reply_to": "a@example.org"}, {}, "a@example.org"),
+        ({}, {"email": "Ada <ada@example.org>"}, "Ada <ada@example.org>"),
+        ({}, {"email": "a@example.org, b@example.org"}, None),
+        ({}, {"email": "not an address"}, None),
+        ({"reply_to": "a@example.org\nBcc: b@example.org"}, {}, None),
+        ({}, {"email": 42}, None),
+    ],
+)
+def test_reply_to_is_used_only_when_it_is_one_address(
+    meta: dict[str, Any], data: dict[str, Any], expected: str | None
+) -> None:
+    assert tasks.reply_to_address(meta, data) == expected
+
+
+def test_permanent_smtp_refusal_goes_dead_at_once(outbox_app: Flask, smtp_sink: SMTPSink) -> None:
+    smtp_sink.refuse_rcpt = "550 5.1.1 no such user"
+    form = make_form(outbox_app)
+    submit(outbox_app, form, {"message": "x"})
+    assert run(outbox_app, tasks.deliver, deliveries(outbox_app)[0].id) == "dead"
+    [row] = deliveries(outbox_app)
+    assert row.status == "dead"
+    assert row.attempts == 1
+    assert "550" in row.last_error
+
+
+def test_temporary_smtp_refusal_is_retried(outbox_app: Flask, smtp_sink: SMTPSink) -> None:
+    smtp_sink.refuse_rcpt = "451 4.3.0 try later"
+    form = make_form(outbox_app)
+    submit(outbox_app, form, {"message": "x"})
+    row_id = deliveries(outbox_app)[0].id
+    assert run(outbox_app, tasks.deliver, row_id) == "retry"
+    smtp_sink.refuse_rcpt = None
+    assert run(outbox_app, tasks.deliver, row_id) == "done"
+    assert deliveries(outbox_app)[0].attempts == 2
+
+
+def test_smtp_connection_refused_is_retried_then_dead_after_the_last_attempt(
+    outbox_app: Flask, smtp_sink: SMTPSink
+) -> None:
+    outbox_app.extensions["mailslot.settings"].smtp_port = free_port()  # nobody listens there
+    form = make_form(outbox_app)
+    submit(outbox_app, form, {"message": "x"})
+    row_id = deliveries(outbox_app)[0].id
+    outcomes = [run(outbox_app, tasks.deliver, row_id) for _ in range(5)]
+    assert outcomes == ["retry", "retry", "retry", "retry", "dead"]
+    row = deliveries(outbox_app)[0]
+    assert row.status == "dead"
+    assert "SMTP" in row.last_error
+
+
+# --- the webhook task -------------------------------------------------------------------------
+
+
+def test_signature_matches_the_standard_webhooks_vector() -> None:
+    signature = services.sign_webhook(
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        1614265330,
+        b'{"test": 2432232314}',
+    )
+    assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    """A receiver's check, written from the Standard Webhooks spec rather than our code."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return any(
+        part.split(",", 1)[1] == expected for part in headers["webhook-signature"].split(" ")
+    )
+
+
+def test_webhook_is_signed_and_carries_the_submission(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver
+) -> None:
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
+    sub_id = submit(outbox_app, form, {"message": "hello"})
+    [row] = deliveries(outbox_app)
+    assert run(outbox_app, tasks.deliver, row.id) == "done"
+    [request] = webhook_receiver.requests
+    headers = {k.lower(): v for k, v in request["headers"].items()}
+    assert headers["content-type"] == "application/json"
+    assert headers["webhook-id"] == f"msg_{row.id}"
+    assert verify(form.webhook_secret, headers, request["body"])
+    assert form.webhook_secret.startswith("whsec_")
+    assert len(base64.b64decode(form.webhook_secret.removeprefix("whsec_"))) >= 24
+    body = webhook_receiver.bodies()[0]
+    assert body["type"] == "submission.created"
+    assert body["data"]["form"] == {"id": form.public_id, "name": "Contact"}
+    assert body["data"]["submission"]["id"] == sub_id
+    assert body["data"]["submission"]["data"] == {"message": "hello"}
+
+
+def test_webhook_500_500_timeout_200_takes_four_attempts_then_done(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    webhook_receiver.script = [500, 500, "timeout", 200]
+    clock = itertools.count(1_800_000_000, 60)
+    monkeypatch.setattr(tasks.time, "time", lambda: next(clock))
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
+    submit(outbox_app, form, {"message": "x"})
+    row_id = deliveries(outbox_app)[0].id
+    outcomes = [run(outbox_app, tasks.deliver, row_id) for _ in range(4)]
+    assert outcomes == ["retry", "retry", "retry", "done"]
+    row = deliveries(outbox_app)[0]
+    assert (row.status, row.attempts) == ("done", 4)
+    ids = {r["headers"]["webhook-id"] for r in webhook_receiver.requests}
+    stamps = [int(r["headers"]["webhook-timestamp"]) for r in webhook_receiver.requests]
+    assert ids == {f"msg_{row_id}"}
+    assert len(set(stamps)) == 4
+    assert stamps == sorted(stamps)
+    assert all(
+        verify(form.webhook_secret, r["headers"], r["body"]) for r in webhook_receiver.requests
+    )
+
+
+def test_webhook_410_disables_the_webhook(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script = [410]
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
+    submit(outbox_app, form, {"message": "x"})
+    assert run(outbox_app, tasks.deliver, deliveries(outbox_app)[0].id) == "dead"
+    with outbox_app.app_context():
+        assert services.public_form(form.public_id).webhook_url is None
+    assert "410" in deliveries(outbox_app)[0].last_error
+
+
+def test_webhook_redirect_is_a_failure_and_not_followed(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script = [(302, {"Location": "http://127.0.0.1:1/elsewhere"})]
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
+    submit(outbox_app, form, {"message": "x"})
+    assert run(outbox_app, tasks.deliver, deliveries(outbox_app)[0].id) == "retry"
+    assert len(webhook_receiver.requests) == 1
+    assert "302" in deliveries(outbox_app)[0].last_error
+
+
+def test_webhook_429_honours_retry_after(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script = [(429, {"Retry-After": "120"})]
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
+    submit(outbox_app, form, {"message": "x"})
+    before = dal.utcnow()
+    assert run(outbox_app, tasks.deliver, deliveries(outbox_app)[0].id) == "retry"
+    row = deliveries(outbox_app)[0]
+    assert row.status == "pending"
+    assert row.next_attempt_at >= before + dt.timedelta(seconds=119)
+
+
+# --- SSRF -------------------------------------------------------------------------------------
+
+HOSTILE_URLS = [
+    "http://127.0.0.1/",
+    "http://127.1/",
+    "http://2130706433/",
+    "http://0x7f000001/",
+    "http://0177.0.0.1/",
+    "http://017700000001/",
+    "http://[::1]/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://[::ffff:7f00:1]/",
+    "http://localhost/",
+    "http://localhost./",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://[fe80::1]/",
+    "http://10.0.0.1/",
+    "http://172.16.5.4/",
+    "http://192.168.1.1/",
+    "http://100.64.0.1/",
+    "http://0.0.0.0/",
+    "http://[::]/",
+    "http://224.0.0.1/",
+    "http://[fc00::1]/",
+    "http://loopback.evil.test/",  # a name that resolves to loopback (patched resolver)
+    "ftp://example.com/",
+    "file:///etc/passwd",
+    "http://user:pass@93.184.215.14/",
+]
+
+
+@pytest.fixture
+def evil_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make one test name resolve to loopback, as a hostile DNS record would."""
+    real = socket.getaddrinfo
+
+    def fake(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "loopback.evil.test":
+            return real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+
+
+@pytest.mark.usefixtures("evil_dns")
+@pytest.mark.parametrize("url", HOSTILE_URLS)
+def test_hostile_webhook_urls_are_refused_on_save(app: Flask, url: str) -> None:
+    with app.app_context():
+        assert services.check_webhook_url(url) is not None
+
+
+@pytest.mark.usefixtures("evil_dns")
+@pytest.mark.parametrize("url", HOSTILE_URLS)
+def test_hostile_webhook_urls_are_refused_on_send(outbox_app: Flask, url: str) -> None:
+    outbox_app.extensions["mailslot.settings"].webhook_allow_private = False
+    form = make_form(outbox_app, webhook_url=url, notify=False)
+    submit(outbox_app, form, {"message": "x"})
+    assert run(outbox_app, tasks.deliver, deliveries(outbox_app)[0].id) == "dead"
+    assert "webhook refused" in deliveries(outbox_app)[0].last_error
+
+
+def test_public_address_passes_the_check(app: Flask) -> None:
+    with app.app_context():
+        assert services.check_webhook_url("http://93.184.215.14/hook") is None
+
+
+# --- claiming, the sweeper and deliver-pending --------------------------------------------------
+
+
+def test_the_same_task_run_twice_at_once_sends_once(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script = ["timeout"]
+    webhook_receiver.slow_seconds = 0.3
+    outbox_app.extensions["mailslot.settings"].webhook_read_timeout = 5
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
+    submit(outbox_app, form, {"message": "x"})
+    row_id = deliveries(outbox_app)[0].id
+    results: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(run(outbox_app, tasks.deliver, row_id)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == ["done", "skipped"]
+    assert len(webhook_receiver.requests) == 1
+    assert run(outbox_app, tasks.deliver, row_id) == "skipped"
+
+
+def test_sweeper_picks_due_and_stale_rows_and_nothing_else(outbox_app: Flask) -> None:
+    form = make_form(outbox_app)
+    for _ in range(6):
+        submit(outbox_app, form, {"message": "x"})
+    ids = [r.id for r in deliveries(outbox_app)]
+    now = dal.utcnow()
+    states = {
+        ids[0]: ("pending", now - dt.timedelta(seconds=1)),  # due
+        ids[1]: ("pending", now + dt.timedelta(hours=1)),  # retry not due yet
+        ids[2]: ("sending", now - dt.timedelta(seconds=1)),  # lease ran out: stale
+        ids[3]: ("sending", now + dt.timedelta(minutes=5)),  # live lease
+        ids[4]: ("done", now - dt.timedelta(hours=1)),
+        ids[5]: ("dead", now - dt.timedelta(hours=1)),
+    }
+    with outbox_app.app_context(), dal.transaction() as conn:
+        for row_id, (status, when) in states.items():
+            conn.execute(
+                sa.update(dal.deliveries)
+                .where(dal.deliveries.c.id == row_id)
+                .values(status=status, next_attempt_at=when)
+            )
+    with outbox_app.app_context(), dal.transaction() as conn:
+        picked = dal.due_delivery_ids(conn, 100, push_back_seconds=300)
+    assert sorted(picked) == [ids[0], ids[2]]
+    with outbox_app.app_context(), dal.transaction() as conn:
+        assert dal.due_delivery_ids(conn, 100, push_back_seconds=300) == [ids[2]]
+
+
+def test_deliver_pending_command_delivers_with_no_worker(
+    outbox_app: Flask, smtp_sink: SMTPSink, webhook_receiver: WebhookReceiver
+) -> None:
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url)
+    for n in range(3):
+        submit(outbox_app, form, {"n": n})
+    result = outbox_app.test_cli_runner().invoke(args=["deliver-pending"])
+    assert result.exit_code == 0, result.output
+    assert "6 pending deliveries" in result.output
+    assert len(smtp_sink.messages) == 3
+    assert len(webhook_receiver.requests) == 3
+    assert {r.status for r in deliveries(outbox_app)} == {"done"}
+
+
+def test_replay_sends_a_dead_delivery_again(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script = [410]
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
+    sub_id = submit(outbox_app, form, {"message": "x"})
+    row_id = deliveries(outbox_app)[0].id
+    run(outbox_app, tasks.deliver, row_id)
+    with outbox_app.app_context():
+        services.set_webhook(services.public_form(form.public_id), webhook_receiver.url)
+        submission = services.owned_submission(form, sub_id)
+        assert services.replay_delivery(submission, row_id)
+        assert not services.replay_delivery(submission, row_id + 999)
+        tasks.deliver(row_id)
+    assert deliveries(outbox_app)[0].status == "done"
+    assert len(webhook_receiver.requests) == 2
+
+
+def test_a_failure_to_enqueue_never_reaches_the_submitter(outbox_app: Flask) -> None:
+    form = make_form(outbox_app)
+    response = outbox_app.test_client().post(
+        f"/f/{form.public_id}", data={"message": "x"}, headers={"Accept": "text/html"}
+    )
+    assert response.status_code == 303
+    assert deliveries(outbox_app)[0].status == "pending"
+
+
+@pytest.mark.parametrize(
+    ("attempts", "retry_after", "low", "high"),
+    [(1, None, 27, 33), (2, None, 108, 132), (1, 600, 600, 600), (10, None, None, None)],
+)
+def test_retry_schedule_has_jitter_and_an_end(
+    attempts: int, retry_after: float | None, low: float | None, high: float | None
+) -> None:
+    schedule = [0, 30, 120, 600, 1800, 3600, 10800, 21600, 43200, 86400]
+    delay = tasks.next_attempt_delay(attempts, schedule, retry_after)
+    if low is None:
+        assert delay is None
+    else:
+        assert delay is not None
+        assert low <= delay <= high
