@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import fakeredis
 import redis
 import sqlalchemy as sa
+import structlog
 from flask import Flask, current_app
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine, Row
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["Row"]
 
 SCHEMA_VERSION = 1
+log = structlog.get_logger("mailslot.dal")
 
 # =================================================================================================
 # Types and tables
@@ -97,6 +102,8 @@ forms = sa.Table(
     sa.Column("webhook_url", sa.String(2000)),
     sa.Column("webhook_secret", sa.String(100)),
     sa.Column("notify", sa.Boolean, nullable=False, default=True),
+    # Owner's spam rules: {"words": [...], "email_domains": [...]}.
+    sa.Column("spam_rules", JSONType, nullable=False, default=dict),
     sa.Column("status", sa.String(16), nullable=False, default="active"),
     sa.Column("created_at", UTCDateTime, nullable=False, default=utcnow),
     sa.Column("updated_at", UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow),
@@ -452,15 +459,17 @@ def insert_submission(conn: Connection, values: dict[str, Any]) -> Row:
     return conn.execute(sa.select(submissions).where(submissions.c.id == sub_id)).one()
 
 
-def insert_delivery(conn: Connection, submission_id: int, kind: str, target: str) -> int:
-    """Queue one delivery in the outbox (same transaction as its submission)."""
+def insert_delivery(
+    conn: Connection, submission_id: int, kind: str, target: str, status: str = "pending"
+) -> int:
+    """Queue one delivery in the outbox (same transaction as its submission); spam is held."""
     now = utcnow()
     return conn.execute(
         sa.insert(deliveries).values(
             submission_id=submission_id,
             kind=kind,
             target=target,
-            status="pending",
+            status=status,
             attempts=0,
             next_attempt_at=now,
             updated_at=now,
@@ -559,32 +568,293 @@ def deliveries_for(conn: Connection, submission_id: int) -> list[Row]:
 
 
 # =================================================================================================
-# Redis counters
+# Redis: the form cache, counters and rate limits
 # =================================================================================================
+# Every key is namespaced (``<prefix>v1:…``) and gets a TTL. Redis is a speed-up and an abuse
+# brake, never a dependency: on any Redis error we read through to SQL, fall back to an
+# in-process limiter, and warn at most once a minute.
 
+FORM_CACHE_TTL = 300
+NEGATIVE_CACHE_TTL = 30
 COUNTER_TTL = 40 * 24 * 3600
+STATS_TTL = 60
+_CACHED_FORM_COLUMNS = (
+    "id", "public_id", "owner_id", "name", "fields", "schema_version", "strict",
+    "redirect_url", "allowed_domains", "honeypot_field", "webhook_url", "notify", "status",
+    "spam_rules",
+)  # fmt: skip
+_warned_at: dict[str, float] = {}
+_warn_lock = threading.Lock()
+
+
+def redis_trouble(what: str, exc: BaseException) -> None:
+    """Log a Redis failure as a warning, at most once a minute per kind of use."""
+    now = time.monotonic()
+    with _warn_lock:
+        if now - _warned_at.get(what, -1e9) < 60:
+            return
+        _warned_at[what] = now
+    log.warning("redis.unavailable", use=what, error=f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _key(*parts: Any) -> str:
+    """A namespaced, versioned key."""
+    return stores().key_prefix + "v1:" + ":".join(str(p) for p in parts)
+
+
+class CachedForm(SimpleNamespace):
+    """The public view of a form, as the submission path and the hosted page need it."""
+
+
+def _cached_form(row: Row) -> CachedForm:
+    """The cacheable columns of a form row (never the webhook secret)."""
+    return CachedForm(**{name: getattr(row, name) for name in _CACHED_FORM_COLUMNS})
+
+
+def public_form(public_id: str) -> tuple[CachedForm | None, str | None]:
+    """A form by public id through the cache: (form or None, cache fill to write or None).
+
+    On a miss the caller writes the returned fill (``fill_form_cache``, or inside its own
+    pipeline) so that the submission path keeps to two Redis round trips.
+    """
+    st = stores()
+    try:
+        raw = st.redis.get(_key("form", public_id))
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("form-cache", exc)
+        raw, cache_ok = None, False
+    else:
+        cache_ok = True
+    if raw is not None:
+        data = json.loads(raw)
+        return (CachedForm(**data) if data else None), None
+    with connection() as conn:
+        row = form_by_public_id(conn, public_id)
+    form = _cached_form(row) if row is not None else None
+    if not cache_ok:
+        return form, None
+    return form, _json_dumps(vars(form) if form is not None else None)
+
+
+def fill_form_cache(public_id: str, fill: str | None, pipe: Any = None) -> None:
+    """Write a cache fill from ``public_form`` (in ``pipe`` when given)."""
+    if fill is None:
+        return
+    ttl = NEGATIVE_CACHE_TTL if fill == "null" else FORM_CACHE_TTL
+    if pipe is not None:
+        pipe.set(_key("form", public_id), fill, ex=ttl)
+        return
+    try:
+        stores().redis.set(_key("form", public_id), fill, ex=ttl)
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("form-cache", exc)
+
+
+def invalidate_form(public_id: str) -> None:
+    """Drop a form's cached entry (after every write to the form)."""
+    try:
+        stores().redis.delete(_key("form", public_id))
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("form-cache", exc)
+
+
+@contextmanager
+def form_write(public_id: str) -> Iterator[Connection]:
+    """A transaction that changes a form; its cache entry is gone before this returns."""
+    invalidate_form(public_id)
+    with transaction() as conn:
+        yield conn
+    invalidate_form(public_id)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """At most ``count`` hits per ``seconds`` for one key."""
+
+    name: str
+    count: int
+    seconds: int
+
+
+@dataclass
+class LimitResult:
+    """Which limit (if any) is exceeded, and when to try again."""
+
+    exceeded: Limit | None = None
+    retry_after: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class _LocalWindows:
+    """The in-process stand-in used while Redis is unreachable (per process, thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+
+    def incr(self, key: str) -> int:
+        """Count a hit in a window; forget windows that ended."""
+        with self.lock:
+            if len(self.counts) > 100_000:
+                self.counts.clear()
+            self.counts[key] = self.counts.get(key, 0) + 1
+            return self.counts[key]
+
+    def get(self, key: str) -> int:
+        """A window's count."""
+        with self.lock:
+            return self.counts.get(key, 0)
+
+
+_local = _LocalWindows()
+
+
+def _window(limit: Limit, now: float) -> tuple[int, float]:
+    """The current fixed window's number and how far into it we are (0..1)."""
+    number = int(now // limit.seconds)
+    return number, (now - number * limit.seconds) / limit.seconds
+
+
+def _estimate(limit: Limit, current: int, previous: int, elapsed: float) -> float:
+    """Sliding-window estimate of hits in the last ``seconds``."""
+    return current + previous * (1 - elapsed)
+
+
+def _decide(
+    limits: list[Limit], counts: list[tuple[int, int]], now: float, pending: int = 0
+) -> LimitResult:
+    """Compare sliding-window estimates (plus ``pending`` uncounted hits) with the limits."""
+    result = LimitResult()
+    for limit, (current, previous) in zip(limits, counts, strict=True):
+        _, elapsed = _window(limit, now)
+        result.counters[limit.name] = current
+        if _estimate(limit, current, previous, elapsed) + pending > limit.count:
+            wait = int(limit.seconds * (1 - elapsed)) + 1
+            if result.exceeded is None or wait > result.retry_after:
+                result.exceeded, result.retry_after = limit, wait
+    return result
+
+
+def hit_limits(
+    limits: list[Limit],
+    *,
+    extra_counters: tuple[tuple[str, int], ...] = (),
+    cache_fill: tuple[str, str | None] | None = None,
+    count: bool = True,
+) -> LimitResult:
+    """Count one hit against every limit (sliding windows) in ONE Redis round trip.
+
+    ``extra_counters`` (name, seconds) are counted in the same trip and reported in
+    ``counters`` (used for velocity). ``cache_fill`` is written in the same trip too. With
+    ``count=False`` the limits are only read (login checks before counting a failure).
+    """
+    now = time.time()
+    st = stores()
+    try:
+        pipe = st.redis.pipeline(transaction=False)
+        for limit in limits:
+            number, _ = _window(limit, now)
+            key = _key("rl", limit.name, number)
+            if count:
+                pipe.incr(key)
+                pipe.expire(key, limit.seconds * 2)
+            else:
+                pipe.get(key)
+            pipe.get(_key("rl", limit.name, number - 1))
+        for name, seconds in extra_counters:
+            key = _key("ct", name, int(now // seconds))
+            pipe.incr(key)
+            pipe.expire(key, seconds * 2)
+        if cache_fill is not None:
+            fill_form_cache(cache_fill[0], cache_fill[1], pipe)
+        replies = pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("rate-limits", exc)
+        return _hit_local(limits, now, count)
+    counts = []
+    step = 3 if count else 2
+    for i, _limit in enumerate(limits):
+        current = int(replies[i * step] or 0)
+        previous = int(replies[i * step + step - 1] or 0)
+        counts.append((current, previous))
+    result = _decide(limits, counts, now, pending=0 if count else 1)
+    base = len(limits) * step
+    for j, (name, _) in enumerate(extra_counters):
+        result.counters[name] = int(replies[base + j * 2])
+    return result
+
+
+def _hit_local(limits: list[Limit], now: float, count: bool) -> LimitResult:
+    """The same decision from the in-process windows."""
+    counts = []
+    for limit in limits:
+        number, _ = _window(limit, now)
+        key = f"{limit.name}:{number}"
+        current = _local.incr(key) if count else _local.get(key)
+        counts.append((current, _local.get(f"{limit.name}:{number - 1}")))
+    return _decide(limits, counts, now, pending=0 if count else 1)
 
 
 def bump_counter(name: str) -> None:
-    """Count an event under the app's prefix; a Redis failure loses a count, nothing else."""
-    st = stores()
-    key = f"{st.key_prefix}v1:count:{name}"
+    """Count an event (kept 40 days); a Redis failure loses a count, nothing else."""
+    key = _key("count", name)
     try:
-        pipe = st.redis.pipeline(transaction=False)
+        pipe = stores().redis.pipeline(transaction=False)
         pipe.incr(key)
         pipe.expire(key, COUNTER_TTL)
         pipe.execute()
-    except (redis.RedisError, OSError):
-        return
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("counters", exc)
 
 
 def read_counter(name: str) -> int:
     """A counter's value, 0 when missing or when Redis is unreachable."""
-    st = stores()
     try:
-        return int(st.redis.get(f"{st.key_prefix}v1:count:{name}") or 0)
-    except (redis.RedisError, OSError):
+        return int(stores().redis.get(_key("count", name)) or 0)
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("counters", exc)
         return 0
+
+
+def cached_json(name: str, ttl: int, compute: Any) -> Any:
+    """A small JSON value through the cache: computed on a miss, kept ``ttl`` seconds."""
+    key = _key("cache", name)
+    try:
+        raw = stores().redis.get(key)
+        if raw is not None:
+            return json.loads(raw)
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("cache", exc)
+        return compute()
+    value = compute()
+    try:
+        stores().redis.set(key, _json_dumps(value), ex=ttl)
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("cache", exc)
+    return value
+
+
+def drop_cached(name: str) -> None:
+    """Forget a cached value."""
+    try:
+        stores().redis.delete(_key("cache", name))
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("cache", exc)
+
+
+def form_stats(conn: Connection, form_id: int, now: dt.datetime) -> dict[str, int]:
+    """Submissions today and in 7 days (not spam), and spam caught, for one form."""
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    week = now - dt.timedelta(days=7)
+    ham = sa.and_(submissions.c.form_id == form_id, submissions.c.is_spam.is_(False))
+    row = conn.execute(
+        sa.select(
+            sa.func.count().filter(ham, submissions.c.created_at >= midnight),
+            sa.func.count().filter(ham, submissions.c.created_at >= week),
+            sa.func.count().filter(submissions.c.is_spam.is_(True)),
+        ).where(submissions.c.form_id == form_id)
+    ).one()
+    return {"today": row[0], "week": row[1], "spam": row[2]}
 
 
 # =================================================================================================
@@ -741,3 +1011,145 @@ def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[Ro
             .limit(limit)
         )
     )
+
+
+# =================================================================================================
+# API tokens (and the JSON API's own lookups and per-token rate limit)
+# =================================================================================================
+
+
+def insert_api_token(
+    conn: Connection, user_id: int, name: str, prefix: str, token_hash: str
+) -> Row:
+    """Store a new API token (its hash and visible prefix, never the token itself)."""
+    token_id = conn.execute(
+        sa.insert(api_tokens).values(
+            user_id=user_id, name=name, prefix=prefix, token_hash=token_hash, created_at=utcnow()
+        )
+    ).inserted_primary_key[0]
+    return conn.execute(sa.select(api_tokens).where(api_tokens.c.id == token_id)).one()
+
+
+def active_api_tokens(conn: Connection, user_id: int) -> list[Row]:
+    """An owner's tokens that are not revoked, newest first."""
+    return list(
+        conn.execute(
+            sa.select(api_tokens)
+            .where(api_tokens.c.user_id == user_id, api_tokens.c.revoked_at.is_(None))
+            .order_by(api_tokens.c.id.desc())
+        )
+    )
+
+
+def api_token_by_hash(conn: Connection, token_hash: str) -> Row | None:
+    """The unrevoked token with this hash, with its owner's email and confirmation time."""
+    return conn.execute(
+        sa.select(
+            api_tokens,
+            users.c.email,
+            users.c.email_confirmed_at,
+            users.c.created_at.label("user_created_at"),
+        )
+        .join(users, users.c.id == api_tokens.c.user_id)
+        .where(api_tokens.c.token_hash == token_hash, api_tokens.c.revoked_at.is_(None))
+    ).one_or_none()
+
+
+def revoke_api_token(conn: Connection, user_id: int, token_id: int) -> bool:
+    """Revoke one of this owner's tokens; False when there is no such active token."""
+    result = conn.execute(
+        sa.update(api_tokens)
+        .where(
+            api_tokens.c.id == token_id,
+            api_tokens.c.user_id == user_id,
+            api_tokens.c.revoked_at.is_(None),
+        )
+        .values(revoked_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def touch_api_token(conn: Connection, token_id: int, now: dt.datetime, every: int) -> None:
+    """Record a use, at most once per ``every`` seconds (a conditional UPDATE, no read)."""
+    conn.execute(
+        sa.update(api_tokens)
+        .where(
+            api_tokens.c.id == token_id,
+            sa.or_(
+                api_tokens.c.last_used_at.is_(None),
+                api_tokens.c.last_used_at < now - dt.timedelta(seconds=every),
+            ),
+        )
+        .values(last_used_at=now)
+    )
+
+
+def owned_submission(conn: Connection, owner_id: int, public_id: str) -> Row | None:
+    """A submission by public id with its form's public id, only when this owner has the form."""
+    return conn.execute(
+        sa.select(submissions, forms.c.public_id.label("form_public_id"))
+        .join(forms, forms.c.id == submissions.c.form_id)
+        .where(submissions.c.public_id == public_id, forms.c.owner_id == owner_id)
+    ).one_or_none()
+
+
+def hit_api_limit(token_id: int, count: int, seconds: int) -> int | None:
+    """Count one API call in the token's fixed window; seconds to wait when over, else None.
+
+    Fails open: when Redis is unreachable the call is allowed (and the trouble logged).
+    """
+    st = stores()
+    now = time.time()
+    window = int(now // seconds)
+    key = f"{st.key_prefix}v1:api:{token_id}:{window}"
+    try:
+        pipe = st.redis.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, seconds + 1)
+        hits = int(pipe.execute()[0])
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("api-rate-limit", exc)
+        return None
+    if hits <= count:
+        return None
+    return max(1, int((window + 1) * seconds - now + 0.999))
+
+
+# =================================================================================================
+# Submissions per day (the inbox chart)
+# =================================================================================================
+
+
+@dataclass(frozen=True)
+class DayCount:
+    """Submissions received on one UTC day."""
+
+    day: dt.date
+    count: int
+
+
+def daily_counts(conn: Connection, form_id: int, days: int) -> list[DayCount]:
+    """Non-spam submissions per UTC day for the last ``days`` days, oldest first, zeros included."""
+    first = utcnow().date() - dt.timedelta(days=days - 1)
+    since = dt.datetime.combine(first, dt.time(), tzinfo=dt.UTC)
+    if conn.dialect.name == "postgresql":
+        # A literal, not a bound parameter: GROUP BY must repeat the select's expression exactly.
+        utc = sa.func.timezone(sa.literal_column("'UTC'"), submissions.c.created_at)
+        day: Any = sa.cast(utc, sa.Date)
+    else:
+        day = sa.func.date(submissions.c.created_at)
+    rows = conn.execute(
+        sa.select(day.label("day"), sa.func.count().label("n"))
+        .where(
+            submissions.c.form_id == form_id,
+            submissions.c.is_spam.is_(False),
+            submissions.c.created_at >= since,
+        )
+        .group_by(day)
+    )
+    found = {
+        row.day if isinstance(row.day, dt.date) else dt.date.fromisoformat(row.day): row.n
+        for row in rows
+    }
+    dates = [first + dt.timedelta(days=offset) for offset in range(days)]
+    return [DayCount(date, found.get(date, 0)) for date in dates]

@@ -682,6 +682,16 @@ class FormSettingsForm(FlaskForm):
         description="A hidden field that people leave empty and spam bots fill in.",
     )
     strict = BooleanField("Strict schema: refuse fields the schema does not name")
+    blocked_words = TextAreaField(
+        "Blocked words",
+        filters=[_strip_filter],
+        validators=[Length(max=5000, message="Use at most 5000 characters.")],
+    )
+    blocked_email_domains = TextAreaField(
+        "Blocked email domains",
+        filters=[_strip_filter],
+        validators=[Length(max=5000, message="Use at most 5000 characters.")],
+    )
 
     def validate_redirect_url(self, field: Any) -> None:
         """Only absolute web addresses: a relative one would redirect within Mailslot."""
@@ -715,6 +725,12 @@ def settings_values(form: FormSettingsForm) -> dict[str, Any]:
         "status": form.status.data,
         "honeypot_field": form.honeypot_field.data,
         "strict": bool(form.strict.data),
+        "spam_rules": {
+            "words": _split_lines(form.blocked_words.data)[:200],
+            "email_domains": [
+                d.lower().lstrip("@") for d in _split_lines(form.blocked_email_domains.data)
+            ][:200],
+        },
     }
 
 
@@ -728,6 +744,10 @@ def settings_form_data(values: Mapping[str, Any]) -> dict[str, Any]:
         "status": values.get("status") or "active",
         "honeypot_field": values.get("honeypot_field") or DEFAULT_HONEYPOT_FIELD,
         "strict": bool(values.get("strict", False)),
+        "blocked_words": "\n".join((values.get("spam_rules") or {}).get("words", [])),
+        "blocked_email_domains": "\n".join(
+            (values.get("spam_rules") or {}).get("email_domains", [])
+        ),
     }
 
 
@@ -1035,3 +1055,29 @@ class WebhookForm(FlaskForm):
         """Only absolute http(s) URLs; the address check happens in services."""
         if field.data and not is_http_url(field.data):
             raise ValidationError("Use a full http:// or https:// address.")
+
+
+# =============================================================================
+# Account: API tokens
+# =============================================================================
+
+API_TOKEN_NAME_MAX_LENGTH = 100
+
+
+class ApiTokenForm(FlaskForm):
+    """Create an API token: a name that says where it is used."""
+
+    name = StringField(
+        "Token name",
+        filters=[_strip_filter],
+        validators=[
+            DataRequired("Name the token, for example after the script that uses it."),
+            Length(max=API_TOKEN_NAME_MAX_LENGTH, message="Use at most 100 characters."),
+        ],
+        description="For example “CRM sync”. Only you see it.",
+    )
+
+    def validate_name(self, field: Any) -> None:
+        """The name is shown in the token list: printable characters only."""
+        if _UNPRINTABLE_KEY_RE.search(field.data or ""):
+            raise ValidationError("Use printable characters only.")

@@ -13,8 +13,10 @@ import html
 import io
 import ipaddress
 import json
+import re
 import secrets
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,8 +76,26 @@ def sign_up(email: str, password: str) -> dal.Row:
     return user
 
 
-def log_in(email: str, password: str) -> dal.Row | None:
-    """The owner for this email and password, or None; upgrades an outdated hash on success."""
+def log_in(email: str, password: str, client_ip: str | None = None) -> dal.Row | None:
+    """The owner for this email and password, or None; upgrades an outdated hash on success.
+
+    Failures are counted per account and per address; past the limit even the right password
+    is refused (RateLimited) until the window passes.
+    """
+    limits = _login_limits(email, client_ip)
+    if limits:
+        state = dal.hit_limits(limits, count=False)
+        if state.exceeded is not None:
+            log.info("login.rate_limited", limit=state.exceeded.name)
+            raise RateLimited(state.retry_after)
+    user = _check_password(email, password)
+    if user is None and limits:
+        dal.hit_limits(limits)
+    return user
+
+
+def _check_password(email: str, password: str) -> dal.Row | None:
+    """The owner if the password is right; constant work for unknown addresses."""
     method = settings().password_hash_method
     with dal.connection() as conn:
         user = dal.user_by_email(conn, normalise_email(email))
@@ -194,21 +214,21 @@ def create_form(owner_id: int, values: dict[str, Any]) -> dal.Row:
 
 def update_form_settings(form: dal.Row, values: dict[str, Any]) -> None:
     """Save a form's settings."""
-    with dal.transaction() as conn:
+    with dal.form_write(form.public_id) as conn:
         dal.update_form(conn, form.id, values)
     log.info("form.updated", form=form.public_id)
 
 
 def save_fields(form: dal.Row, specs: list[dict[str, Any]]) -> None:
     """Store a new field schema; its version goes up so old submissions keep their meaning."""
-    with dal.transaction() as conn:
+    with dal.form_write(form.public_id) as conn:
         dal.bump_schema_version(conn, form.id, specs)
     log.info("form.fields_saved", form=form.public_id, fields=len(specs))
 
 
 def delete_form(form: dal.Row) -> None:
     """Remove a form and everything stored for it."""
-    with dal.transaction() as conn:
+    with dal.form_write(form.public_id) as conn:
         dal.delete_form(conn, form.id)
     log.info("form.deleted", form=form.public_id)
 
@@ -249,7 +269,10 @@ def mark_spam(submission: dal.Row, is_spam: bool) -> None:
     reason = "marked as spam by the owner" if is_spam else None
     with dal.transaction() as conn:
         dal.set_spam(conn, submission.id, is_spam, reason)
+        released = [] if is_spam else dal.release_spam_deliveries(conn, submission.id)
+    dal.drop_cached(f"stats:{submission.form_id}")
     log.info("submission.marked", submission=submission.public_id, spam=is_spam)
+    dispatch_deliveries(released)
 
 
 def delete_submission(submission: dal.Row) -> None:
@@ -398,10 +421,11 @@ def export_json(form: dal.Row) -> Iterator[str]:
 class FormUnavailable(Exception):
     """Intake refused before storing anything; ``status`` and ``message`` say why."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -438,10 +462,15 @@ class IntakeResult:
     delivery_ids: list[int] = field(default_factory=list)
 
 
-def public_form(public_id: str) -> dal.Row:
-    """A form by public id for the public side (cache seam: see the Redis issue)."""
-    with dal.connection() as conn:
-        form = dal.form_by_public_id(conn, public_id)
+def public_form(public_id: str) -> dal.CachedForm:
+    """A form by public id for the public side, through the Redis cache."""
+    form, fill = dal.public_form(public_id)
+    dal.fill_form_cache(public_id, fill)
+    return _available(form)
+
+
+def _available(form: dal.CachedForm | None) -> dal.CachedForm:
+    """The form, or the 404 every public route gives for an unknown id."""
     if form is None:
         raise FormUnavailable(404, "There is no form at this address. Check the form's action URL.")
     return form
@@ -525,13 +554,32 @@ def _control_value(values: dict[str, Any], name: str) -> str | None:
 
 
 def record_submission(req: IntakeRequest) -> IntakeResult:
-    """Intake: find the form, check it accepts this post, trap bots, validate, store, enqueue."""
-    form = public_form(req.public_id)
+    """Intake: find the form, check it accepts this post, trap bots, validate, store, enqueue.
+
+    Redis is used twice before the database write: the cached form lookup, then one pipeline
+    with the rate limits, the velocity counter and (on a miss) the cache fill.
+    """
+    form, fill = dal.public_form(req.public_id)
+    form = _available(form)
     if form.status != "active":
+        dal.fill_form_cache(req.public_id, fill)
         raise FormUnavailable(403, "This form is paused and is not accepting submissions.")
     if not req.hosted and not origin_allowed(form, req.origin, req.referrer):
+        dal.fill_form_cache(req.public_id, fill)
         raise FormUnavailable(403, "This form does not accept submissions from this website.")
-    # Seam: the Redis issue adds the per-IP and per-form rate limits here.
+    ip_hash = hash_ip(req.client_ip)
+    limits = dal.hit_limits(
+        submission_limits(form.public_id, ip_hash),
+        extra_counters=((f"velocity:{ip_hash}", VELOCITY_WINDOW),) if ip_hash else (),
+        cache_fill=(req.public_id, fill),
+    )
+    if limits.exceeded is not None:
+        log.info("submission.rate_limited", form=form.public_id, limit=limits.exceeded.name)
+        raise FormUnavailable(
+            429,
+            "Too many submissions; wait a moment and send the form again.",
+            retry_after=limits.retry_after,
+        )
     payload = req.payload
     if payload.kind == "invalid_json":
         raise FormUnavailable(400, "The body is not valid JSON. Send a JSON object of fields.")
@@ -548,7 +596,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
     values = payload.values
     posted_from = req.referrer if not req.hosted else None
     redirect_to = (
-        safe_redirect(form, values.get("_next"), posted_from)
+        safe_redirect(form, _control_value(values, "_next"), posted_from)
         or form.redirect_url
         or f"{settings().base_url}/f/{form.public_id}/thanks"
     )
@@ -578,6 +626,14 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
     if errors:
         return IntakeResult(form, "invalid", errors=errors, redirect_to=redirect_to)
 
+    reasons = spam_reasons(
+        form,
+        clean,
+        velocity=limits.counters.get(f"velocity:{ip_hash}", 0),
+        rendered=values.get("_rendered") if req.hosted else None,
+        hosted=req.hosted,
+    )
+    is_spam = sum(weight for weight, _ in reasons) >= conf.spam_threshold
     with dal.transaction() as conn:
         submission = dal.insert_submission(
             conn,
@@ -586,16 +642,20 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
                 "form_id": form.id,
                 "data": clean,
                 "schema_version": form.schema_version,
-                "is_spam": False,
-                "ip_hash": hash_ip(req.client_ip),
+                "is_spam": is_spam,
+                "spam_reason": "; ".join(text for _, text in reasons) or None,
+                "ip_hash": ip_hash,
                 "user_agent": (req.user_agent or "")[:512] or None,
                 "referrer": (req.referrer or "")[:2000] or None,
                 "meta": {key: value for key, value in meta.items() if value},
             },
         )
-        delivery_ids = _queue_deliveries(conn, form, submission)
-    log.info("submission.stored", form=form.public_id, submission=submission.public_id)
-    dispatch_deliveries(delivery_ids)
+        delivery_ids = _queue_deliveries(conn, form, submission, held=is_spam)
+    log.info(
+        "submission.stored", form=form.public_id, submission=submission.public_id, spam=is_spam
+    )
+    if not is_spam:
+        dispatch_deliveries(delivery_ids)
     return IntakeResult(
         form,
         "stored",
@@ -605,15 +665,19 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
     )
 
 
-def _queue_deliveries(conn: Any, form: dal.Row, submission: dal.Row) -> list[int]:
-    """Outbox rows for a new submission, in its transaction: email to a confirmed owner, webhook."""
+def _queue_deliveries(conn: Any, form: Any, submission: dal.Row, *, held: bool) -> list[int]:
+    """Outbox rows for a new submission, in its transaction: email to a confirmed owner, webhook.
+
+    Spam gets its rows too, ``held``: marking it "not spam" releases them.
+    """
+    status = "held" if held else "pending"
     ids = []
     if form.notify:
         owner = dal.owner_of_form(conn, form.id)
         if owner is not None and owner.email_confirmed_at is not None:
-            ids.append(dal.insert_delivery(conn, submission.id, "email", owner.email))
+            ids.append(dal.insert_delivery(conn, submission.id, "email", owner.email, status))
     if form.webhook_url:
-        ids.append(dal.insert_delivery(conn, submission.id, "webhook", form.webhook_url))
+        ids.append(dal.insert_delivery(conn, submission.id, "webhook", form.webhook_url, status))
     return ids
 
 
@@ -621,6 +685,130 @@ def dispatch_deliveries(delivery_ids: list[int]) -> None:
     """Hand committed outbox rows to the workers; rows that fail to enqueue wait for the sweeper."""
     for delivery_id in delivery_ids:
         tasks.enqueue(tasks.deliver, delivery_id)
+
+
+# =================================================================================================
+# Rate limits and spam scoring (no third party sees the data)
+# =================================================================================================
+
+VELOCITY_WINDOW = 600
+_URL_PATTERN = re.compile(r"https?://|www\.", re.IGNORECASE)
+
+
+def submission_limits(public_id: str, ip_hash: str | None) -> list[dal.Limit]:
+    """Per client IP per form (a minute and an hour) and per form overall (an hour)."""
+    conf = settings()
+    if not conf.rate_limits_enabled:
+        return []
+    limits = [dal.Limit(f"form:{public_id}", conf.submit_limit_per_form_hour, 3600)]
+    if ip_hash:
+        limits += [
+            dal.Limit(f"ip:{ip_hash}:{public_id}:m", conf.submit_limit_per_ip_minute, 60),
+            dal.Limit(f"ip:{ip_hash}:{public_id}:h", conf.submit_limit_per_ip_hour, 3600),
+        ]
+    return limits
+
+
+class RateLimited(Exception):
+    """Too many attempts; try again in ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+def _login_limits(email: str, client_ip: str | None) -> list[dal.Limit]:
+    """Failed logins per account and per client address."""
+    conf = settings()
+    if not conf.rate_limits_enabled:
+        return []
+    window, count = conf.login_failure_window, conf.login_failure_limit
+    account = hashlib.sha256(normalise_email(email).encode()).hexdigest()[:24]
+    limits = [dal.Limit(f"login:acct:{account}", count, window)]
+    if client_ip:
+        limits.append(dal.Limit(f"login:ip:{hash_ip(client_ip)}", count, window))
+    return limits
+
+
+def check_signup_rate(client_ip: str | None) -> None:
+    """Count a sign-up attempt from this address; RateLimited past the limit."""
+    conf = settings()
+    if not conf.rate_limits_enabled or not client_ip:
+        return
+    limit = dal.Limit(f"signup:{hash_ip(client_ip)}", conf.signup_limit_per_ip_hour, 3600)
+    result = dal.hit_limits([limit])
+    if result.exceeded is not None:
+        raise RateLimited(result.retry_after)
+
+
+def render_token() -> str:
+    """A signed timestamp for the hosted page, checked when the page is submitted."""
+    return URLSafeTimedSerializer(current_app.secret_key, salt="mailslot.render").dumps(
+        round(time.time(), 3)
+    )
+
+
+def _render_age(token: Any) -> float | None:
+    """Seconds since a hosted page was rendered, or None for a missing or forged token."""
+    if isinstance(token, list):
+        token = token[0] if len(token) == 1 else None
+    if not isinstance(token, str):
+        return None
+    try:
+        rendered = URLSafeTimedSerializer(current_app.secret_key, salt="mailslot.render").loads(
+            token
+        )
+    except BadSignature:
+        return None
+    return time.time() - float(rendered) if isinstance(rendered, int | float) else None
+
+
+def spam_reasons(
+    form: Any, data: dict[str, Any], *, velocity: int, rendered: Any, hosted: bool
+) -> list[tuple[float, str]]:
+    """Each local spam signal that fired, with its weight and the reason shown to the owner."""
+    conf = settings()
+    reasons: list[tuple[float, str]] = []
+    texts = [value for value in data.values() if isinstance(value, str)]
+    links = sum(len(_URL_PATTERN.findall(text)) for text in texts)
+    if links > conf.spam_max_links:
+        reasons.append((0.6 if links < 2 * conf.spam_max_links + 1 else 1.0, f"{links} links"))
+    if hosted:
+        age = _render_age(rendered)
+        if age is None:
+            reasons.append((0.5, "the page's render stamp is missing or forged"))
+        elif age < conf.spam_min_seconds:
+            reasons.append((1.0, f"sent {max(age, 0):.1f} s after render"))
+        elif age > 24 * 3600:
+            reasons.append((0.5, "sent more than a day after the page was rendered"))
+    if velocity > conf.spam_velocity_limit:
+        reasons.append((0.6, f"{velocity} submissions from this address in 10 minutes"))
+    rules = form.spam_rules or {}
+    lowered = " ".join(texts).lower()
+    for word in rules.get("words", []):
+        if word.lower() in lowered:
+            reasons.append((1.0, f"contains the blocked word “{word}”"))
+            break
+    blocked_domains = {d.lower() for d in rules.get("email_domains", [])}
+    for text in texts:
+        if "@" in text:
+            domain = text.rsplit("@", 1)[1].strip().lower()
+            if domain in blocked_domains:
+                reasons.append((1.0, f"email from the blocked domain “{domain}”"))
+                break
+    return reasons
+
+
+def form_stats(form: Any) -> dict[str, int]:
+    """Today / 7 days / spam caught / honeypot hits, from the cache (a minute old at most)."""
+
+    def compute() -> dict[str, int]:
+        with dal.connection() as conn:
+            return dal.form_stats(conn, form.id, dal.utcnow())
+
+    stats = dict(dal.cached_json(f"stats:{form.id}", dal.STATS_TTL, compute))
+    stats["honeypot"] = dal.read_counter(f"form:{form.id}:honeypot")
+    return stats
 
 
 # =================================================================================================
@@ -664,14 +852,14 @@ def set_webhook(form: dal.Row, url: str | None) -> None:
     values: dict[str, Any] = {"webhook_url": url or None}
     if url and not form.webhook_secret:
         values["webhook_secret"] = new_webhook_secret()
-    with dal.transaction() as conn:
+    with dal.form_write(form.public_id) as conn:
         dal.update_form(conn, form.id, values)
     log.info("form.webhook_set", form=form.public_id, enabled=bool(url))
 
 
 def rotate_webhook_secret(form: dal.Row) -> None:
     """Replace the signing secret; the receiver must be given the new one."""
-    with dal.transaction() as conn:
+    with dal.form_write(form.public_id) as conn:
         dal.update_form(conn, form.id, {"webhook_secret": new_webhook_secret()})
     log.info("form.webhook_secret_rotated", form=form.public_id)
 
@@ -746,6 +934,225 @@ def resolve_webhook_target(url: str, allow_private: bool) -> tuple[Any, list[str
                 f"the host {parts.hostname!r} resolves to a private or reserved address"
             )
     return parts, addresses
+
+
+def submissions_per_day(form: dal.Row, days: int = 30) -> list[dal.DayCount]:
+    """The inbox chart's data: non-spam submissions per UTC day, oldest first, today last."""
+    with dal.connection() as conn:
+        return dal.daily_counts(conn, form.id, days)
+
+
+# =================================================================================================
+# API tokens and the JSON API
+# =================================================================================================
+
+API_TOKEN_PREFIX = "ms_live_"  # noqa: S105 - a public marker, not a secret
+API_TOKEN_VISIBLE = 12  # "ms_live_" and four more characters: enough to tell tokens apart
+API_TOKEN_TOUCH_EVERY = 60  # seconds between last_used_at writes for one token
+API_PAGE_MAX = 100
+_API_TOKEN_RE = re.compile(r"ms_live_[A-Za-z0-9_-]{43}")
+
+
+class InvalidInput(ValueError):
+    """Input of the right shape that breaks a rule; ``errors`` maps each key to its messages."""
+
+    def __init__(self, errors: dict[str, list[str]]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+class Conflict(Exception):
+    """A valid request the thing's current state does not allow (for example a queued replay)."""
+
+
+def hash_api_token(token: str) -> str:
+    """What is stored for a token: the SHA-256 hex of the whole token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_api_token(user_id: int, name: str) -> tuple[dal.Row, str]:
+    """A new token for this owner: its stored row, and the token itself (shown once, never kept)."""
+    token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    with dal.transaction() as conn:
+        row = dal.insert_api_token(
+            conn, user_id, name, token[:API_TOKEN_VISIBLE], hash_api_token(token)
+        )
+    log.info("api_token.created", user=user_id, token_id=row.id)
+    return row, token
+
+
+def list_api_tokens(user_id: int) -> list[dal.Row]:
+    """The owner's active tokens, newest first."""
+    with dal.connection() as conn:
+        return dal.active_api_tokens(conn, user_id)
+
+
+def revoke_api_token(user_id: int, token_id: int) -> bool:
+    """Revoke one of the owner's tokens; False when it is not theirs or already revoked."""
+    with dal.transaction() as conn:
+        revoked = dal.revoke_api_token(conn, user_id, token_id)
+    if revoked:
+        log.info("api_token.revoked", user=user_id, token_id=token_id)
+    return revoked
+
+
+def api_token_owner(token: str) -> dal.Row | None:
+    """The active token (with its owner's email) a bearer token names, or None; notes the use."""
+    if not _API_TOKEN_RE.fullmatch(token):
+        return None
+    with dal.connection() as conn:
+        row = dal.api_token_by_hash(conn, hash_api_token(token))
+    if row is None:
+        return None
+    now = dal.utcnow()
+    idle = None if row.last_used_at is None else (now - row.last_used_at).total_seconds()
+    if idle is None or idle >= API_TOKEN_TOUCH_EVERY:
+        with dal.transaction() as conn:
+            dal.touch_api_token(conn, row.id, now, API_TOKEN_TOUCH_EVERY)
+    return row
+
+
+def api_rate_limit(token_id: int) -> int | None:
+    """Count one call for this token; seconds to wait when it is over API_RATE_LIMIT, else None."""
+    count, seconds = settings().api_rate_limit_window
+    return dal.hit_api_limit(token_id, count, seconds)
+
+
+def _clean_form_value(key: str, value: Any, errors: dict[str, list[str]]) -> Any:
+    """One form setting sent over the API, checked beyond its JSON shape; problems go to errors."""
+    if key == "name":
+        value = value.strip()
+        if not value:
+            errors[key] = ["Give the form a name."]
+    elif key in ("redirect_url", "webhook_url"):
+        value = (value or "").strip() or None
+        if value is not None and not forms.is_http_url(value):
+            errors[key] = ["Use a full http:// or https:// address."]
+        elif value is not None and key == "webhook_url":
+            problem = check_webhook_url(value)
+            if problem:
+                errors[key] = [f"This address cannot receive webhooks: {problem}."]
+    elif key == "allowed_domains":
+        hosts: list[str] = []
+        for index, entry in enumerate(value):
+            try:
+                found = forms.parse_allowed_domains(entry) if "\n" not in entry else None
+            except ValueError as exc:
+                found, message = None, str(exc)
+            else:
+                message = "Write one host name, like example.com."
+            if not found or len(found) != 1:
+                errors[f"{key}.{index}"] = [message]
+            elif found[0] not in hosts:
+                hosts.append(found[0])
+        value = hosts
+    elif key == "honeypot_field" and value in forms.CONTROL_FIELDS:
+        errors[key] = [f"'{value}' is already a control field. Choose another name, like _gotcha."]
+    elif key == "fields":
+        value, problems = forms.validate_field_specs(value)
+        errors.update(problems)
+    return value
+
+
+def clean_form_input(values: dict[str, Any]) -> dict[str, Any]:
+    """The API's form settings (only the keys sent) checked and normalised, or InvalidInput."""
+    errors: dict[str, list[str]] = {}
+    clean = {key: _clean_form_value(key, value, errors) for key, value in values.items()}
+    if errors:
+        raise InvalidInput(errors)
+    return clean
+
+
+def create_form_via_api(owner_id: int, values: dict[str, Any]) -> tuple[dal.Row, str | None]:
+    """Create a form from API input; the form and, when it has a webhook, its signing secret."""
+    clean = clean_form_input(values)
+    secret = new_webhook_secret() if clean.get("webhook_url") else None
+    if secret:
+        clean["webhook_secret"] = secret
+    return create_form(owner_id, clean), secret
+
+
+def update_form_via_api(
+    form: dal.Row, values: dict[str, Any], *, rotate_secret: bool = False
+) -> tuple[dal.Row, str | None]:
+    """Apply an API PATCH; the fresh form and the signing secret when one was made or rotated.
+
+    Everything is checked before anything is written.
+    """
+    clean = clean_form_input(values)
+    webhook_url = clean.pop("webhook_url") if "webhook_url" in clean else form.webhook_url
+    if rotate_secret and not webhook_url:
+        raise Conflict("This form has no webhook. Set webhook_url to create one first.")
+    fields = clean.pop("fields", None)
+    if clean:
+        update_form_settings(form, clean)
+    if fields is not None and fields != form.fields:
+        save_fields(form, fields)
+    if webhook_url != form.webhook_url:
+        set_webhook(form, webhook_url)
+    if rotate_secret:
+        rotate_webhook_secret(form)
+    fresh = owned_form(form.owner_id, form.public_id)
+    changed = fresh.webhook_secret != form.webhook_secret
+    return fresh, (fresh.webhook_secret if changed else None)
+
+
+def owner_submission(owner_id: int, public_id: str) -> dal.Row:
+    """A submission of any of the owner's forms (with ``form_public_id``), or NotFound."""
+    with dal.connection() as conn:
+        submission = dal.owned_submission(conn, owner_id, public_id)
+    if submission is None:
+        raise NotFound(public_id)
+    return submission
+
+
+def api_submission_page(
+    form: dal.Row,
+    *,
+    before: int | None,
+    limit: int,
+    query: str = "",
+    spam: bool | None = None,
+    since: Any = None,
+    until: Any = None,
+) -> tuple[list[dal.Row], int | None]:
+    """One page of a form's submissions, newest first, and the ``before`` id of the next page."""
+    limit = max(1, min(limit, API_PAGE_MAX))
+    with dal.connection() as conn:
+        rows = dal.submission_page(
+            conn,
+            form.id,
+            before=before,
+            limit=limit + 1,
+            query=query,
+            spam=spam,
+            since=since,
+            until=until,
+        )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (rows[-1].id if more else None)
+
+
+def replay_owned_delivery(submission: dal.Row, delivery_id: int) -> dal.Row:
+    """Replay a done or dead delivery of this submission and return it; NotFound or Conflict."""
+    current = {d.id: d for d in submission_deliveries(submission)}
+    delivery = current.get(delivery_id)
+    if delivery is None:
+        raise NotFound(str(delivery_id))
+    if delivery.status == "held":
+        raise Conflict(
+            "This delivery is held because the submission is marked as spam. "
+            "Mark it as not spam to send it."
+        )
+    if delivery.status not in ("done", "dead"):
+        raise Conflict(
+            f"This delivery is {delivery.status}; only done or dead deliveries can be replayed."
+        )
+    if not replay_delivery(submission, delivery_id):
+        raise Conflict("This delivery was picked up in the meantime; try again in a moment.")
+    latest = {d.id: d for d in submission_deliveries(submission)}
+    return latest.get(delivery_id, delivery)
 
 
 # =================================================================================================

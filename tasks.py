@@ -242,13 +242,14 @@ def _record_failure(
     with dal.transaction() as conn:
         if delay is None:
             dal.finish_delivery(conn, context.delivery_id, "dead", error=error)
-            if gone:
-                dal.disable_webhook(conn, context.form_id)
         else:
             when = dal.utcnow() + dt.timedelta(seconds=delay)
             dal.finish_delivery(
                 conn, context.delivery_id, "pending", error=error, next_attempt_at=when
             )
+    if gone:
+        with dal.form_write(context.form_public_id) as conn:
+            dal.disable_webhook(conn, context.form_id)
     if delay is None:
         log.warning("delivery.dead", kind=context.kind, attempts=context.attempts, error=error)
         return "dead"

@@ -465,7 +465,9 @@ def test_replay_sends_a_dead_delivery_again(
     row_id = deliveries(outbox_app)[0].id
     run(outbox_app, tasks.deliver, row_id)
     with outbox_app.app_context():
-        services.set_webhook(services.public_form(form.public_id), webhook_receiver.url)
+        services.set_webhook(
+            services.owned_form(form.owner_id, form.public_id), webhook_receiver.url
+        )
         submission = services.owned_submission(form, sub_id)
         assert services.replay_delivery(submission, row_id)
         assert not services.replay_delivery(submission, row_id + 999)

@@ -55,6 +55,7 @@ def test_deliveries_are_never_lost(tmp_path: Path, smtp_sink: SMTPSink) -> None:
                 delivery_retry_schedule=[0, 0, 0, 0, 0, 0],
                 password_hash_method="pbkdf2:sha256:1000",
                 log_level="ERROR",
+                rate_limits_enabled=False,
             )
             self.conf = self.app.extensions["mailslot.settings"]
             with self.app.app_context():

@@ -101,19 +101,20 @@ class Worker:
              "--without-gossip", "--without-mingle", "--loglevel", "INFO",
              "-s", str(self.workdir / f"beat-{self.starts}")],
             cwd=PROJECT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: beat runs in a child process
         )  # fmt: skip
 
     def kill(self) -> None:
-        """kill -9: no clean shutdown, no acknowledgements."""
+        """kill -9 the worker and its beat child: no clean shutdown, no acknowledgements."""
         if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
             self.process = None
 
     def stop(self) -> None:
         """Stop gracefully."""
         if self.process is not None:
-            self.process.terminate()
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:
@@ -147,9 +148,11 @@ def system(
         "LOG_FORMAT": "json",
         "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000",
         "BASE_URL": "http://mailslot.test",
+        "RATE_LIMITS_ENABLED": "false",
     }
     kwargs: dict[str, Any] = {key.lower(): value for key, value in settings.items()}
     kwargs["delivery_retry_schedule"] = json.loads(settings["DELIVERY_RETRY_SCHEDULE"])
+    kwargs["rate_limits_enabled"] = False
     app = microapp.create_app(**kwargs)
     worker = Worker({**os.environ, **settings}, tmp_path)
     yield {"app": app, "worker": worker, "redis": private_redis, "smtp_port": smtp_port,

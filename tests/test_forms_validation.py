@@ -634,6 +634,8 @@ def test_form_settings_values_are_cleaned(app):
         status="paused",
         honeypot_field="website",
         strict="y",
+        blocked_words=" casino \n\nfree money\n",
+        blocked_email_domains="@Spam.example\n",
     )
     assert valid, errors
     assert values == {
@@ -644,6 +646,7 @@ def test_form_settings_values_are_cleaned(app):
         "status": "paused",
         "honeypot_field": "website",
         "strict": True,
+        "spam_rules": {"words": ["casino", "free money"], "email_domains": ["spam.example"]},
     }
 
 
@@ -674,6 +677,7 @@ def test_form_settings_round_trip_through_stored_values(app):
         "status": "paused",
         "honeypot_field": "_trap",
         "strict": True,
+        "spam_rules": {"words": ["casino"], "email_domains": ["spam.example"]},
     }
     with app.test_request_context():
         form = forms.FormSettingsForm(data=forms.settings_form_data(stored))

@@ -62,5 +62,5 @@ def _shared_app(overrides: dict[str, Any]) -> Any:
     if key not in _APPS:
         _APPS.clear()
         _ACCEPTED.clear()
-        _APPS[key] = microapp.create_app(**overrides)
+        _APPS[key] = microapp.create_app(**overrides, rate_limits_enabled=False)
     return _APPS[key]

@@ -1,0 +1,441 @@
+"""Redis for speed and abuse control: the form cache, rate limits and login throttling.
+
+Each test runs against the in-process Redis (fakeredis, the embedded default) and, when
+MAILSLOT_TEST_REDIS_URL is set, against a real Redis too.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask.testing import FlaskClient
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+import dal
+import microapp
+import services
+from conftest import PASSWORD, AuthActions, free_port, post_form
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+def redis_backend(request: pytest.FixtureRequest, overrides: dict[str, Any]) -> str:
+    """Which Redis the app talks to: in-process, or the real one given to the tests."""
+    if request.param == "redis":
+        overrides["redis_url"] = request.getfixturevalue("redis_url")
+        overrides["celery_queue"] = f"limits-{uuid.uuid4().hex[:8]}"
+    return request.param
+
+
+@pytest.fixture
+def app(overrides: dict[str, Any], redis_backend: str) -> Iterator[Flask]:
+    """The app on SQLite with the chosen Redis."""
+    app = microapp.create_app(**overrides)
+    yield app
+    with app.app_context():
+        stores = dal.stores()
+        keys = list(stores.redis.scan_iter(f"{stores.key_prefix}*"))
+        if keys:
+            stores.redis.delete(*keys)
+        stores.engine.dispose()
+
+
+def owner_form(app: Flask, **values: Any) -> dal.Row:
+    """An owner's form (notifications off: nothing to enqueue in these tests)."""
+    with app.app_context():
+        with dal.transaction() as conn:
+            owner = dal.insert_user(conn, f"o{uuid.uuid4().hex[:8]}@example.com", "x")
+        form = services.create_form(owner.id, {"name": "Cached", "notify": False, **values})
+        return services.owned_form(owner.id, form.public_id)
+
+
+def cache_key(app: Flask, public_id: str) -> str:
+    """The form's cache key."""
+    return f"{app.extensions['mailslot.settings'].redis_key_prefix}v1:form:{public_id}"
+
+
+# --- the form cache ---------------------------------------------------------------------------
+
+
+def test_public_lookup_fills_the_cache_with_a_ttl(app: Flask, client: FlaskClient) -> None:
+    form = owner_form(app)
+    assert client.get(f"/f/{form.public_id}").status_code == 200
+    with app.app_context():
+        r = dal.stores().redis
+        key = cache_key(app, form.public_id)
+        assert 0 < r.ttl(key) <= dal.FORM_CACHE_TTL
+        assert '"name":"Cached"' in r.get(key)
+        assert "webhook_secret" not in r.get(key)
+
+
+def test_editing_a_form_drops_its_cached_entry_before_the_request_returns(
+    app: Flask, client: FlaskClient
+) -> None:
+    auth = AuthActions(client, app)
+    auth.signup()
+    response = post_form(
+        client, "/forms/new", {"name": "Before", "status": "active", "honeypot_field": "_gotcha"}
+    )
+    public_id = response.headers["Location"].rsplit("/", 1)[1]
+    visitor = app.test_client()
+    assert "Before" in visitor.get(f"/f/{public_id}").get_data(as_text=True)
+    post_form(
+        client,
+        f"/forms/{public_id}/settings",
+        {"name": "After", "status": "paused", "honeypot_field": "_gotcha"},
+    )
+    with app.app_context():
+        assert dal.stores().redis.get(cache_key(app, public_id)) is None
+    page = visitor.get(f"/f/{public_id}").get_data(as_text=True)
+    assert "After" in page
+    assert visitor.post(f"/f/{public_id}", json={"x": 1}).status_code == 403
+
+
+def test_deleting_a_form_is_seen_at_once_by_the_public_endpoint(app: Flask) -> None:
+    form = owner_form(app)
+    visitor = app.test_client()
+    assert visitor.get(f"/f/{form.public_id}").status_code == 200
+    with app.app_context():
+        services.delete_form(form)
+    assert visitor.get(f"/f/{form.public_id}").status_code == 404
+    assert visitor.post(f"/f/{form.public_id}", json={"x": 1}).status_code == 404
+
+
+def test_unknown_ids_are_cached_briefly(app: Flask) -> None:
+    visitor = app.test_client()
+    assert visitor.get("/f/no-such-form").status_code == 404
+    with app.app_context():
+        assert 0 < dal.stores().redis.ttl(cache_key(app, "no-such-form")) <= dal.NEGATIVE_CACHE_TTL
+
+
+class CacheCoherence(RuleBasedStateMachine):
+    """Any sequence of create/edit/pause/delete/read: the public view equals what SQL holds."""
+
+    app: Flask
+    forms = Bundle("forms")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleted: set[str] = set()
+
+    @rule(target=forms, name=st.text(min_size=1, max_size=20))
+    def create(self, name: str) -> str:
+        return owner_form(self.app, name=name).public_id
+
+    @rule(public_id=forms, name=st.text(min_size=1, max_size=20))
+    def edit(self, public_id: str, name: str) -> None:
+        self._write(public_id, {"name": name})
+
+    @rule(public_id=forms, paused=st.booleans())
+    def pause(self, public_id: str, paused: bool) -> None:
+        self._write(public_id, {"status": "paused" if paused else "active"})
+
+    @rule(public_id=forms)
+    def delete(self, public_id: str) -> None:
+        with self.app.app_context():
+            row = self._row(public_id)
+            if row is not None:
+                services.delete_form(row)
+                self.deleted.add(public_id)
+
+    @rule(public_id=forms)
+    def read(self, public_id: str) -> None:
+        self.app.test_client().get(f"/f/{public_id}")
+
+    def _row(self, public_id: str) -> Any:
+        with dal.connection() as conn:
+            return dal.form_by_public_id(conn, public_id)
+
+    def _write(self, public_id: str, values: dict[str, Any]) -> None:
+        with self.app.app_context():
+            row = self._row(public_id)
+            if row is not None:
+                services.update_form_settings(row, values)
+
+    @invariant()
+    def public_view_matches_sql(self) -> None:
+        with self.app.app_context(), dal.connection() as conn:
+            rows = list(conn.execute(sa.select(dal.forms)))
+            for row in rows:
+                seen = services.public_form(row.public_id)
+                assert (seen.name, seen.status) == (row.name, row.status)
+            for public_id in self.deleted:
+                with pytest.raises(services.FormUnavailable):
+                    services.public_form(public_id)
+
+
+def test_cache_stays_coherent_with_sql(app: Flask) -> None:
+    CacheCoherence.app = app
+    run_state_machine_as_test(
+        CacheCoherence,
+        settings=settings(
+            max_examples=20,
+            stateful_step_count=12,
+            deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        ),
+    )
+
+
+# --- round trips and TTLs ---------------------------------------------------------------------
+
+
+class CountingRedis:
+    """Wraps the app's Redis client and counts round trips (a pipeline counts once)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.trips = 0
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = self.inner.pipeline(*args, **kwargs)
+        original = pipe.execute
+
+        def execute(*a: Any, **k: Any) -> Any:
+            self.trips += 1
+            return original(*a, **k)
+
+        pipe.execute = execute
+        return pipe
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if callable(attr):
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                self.trips += 1
+                return attr(*args, **kwargs)
+
+            return counted
+        return attr
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_submission_path_makes_at_most_two_redis_round_trips_before_the_write(
+    app: Flask, warm: bool
+) -> None:
+    form = owner_form(app)
+    visitor = app.test_client()
+    if warm:
+        visitor.get(f"/f/{form.public_id}")
+    with app.app_context():
+        counting = CountingRedis(dal.stores().redis)
+        dal.stores().redis = counting  # type: ignore[assignment]
+        engine = dal.stores().engine
+    at_write: list[int] = []
+
+    def before_insert(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("INSERT INTO submissions"):
+            at_write.append(counting.trips)
+
+    sa.event.listen(engine, "before_cursor_execute", before_insert)
+    try:
+        response = visitor.post(f"/f/{form.public_id}", json={"message": "hi"})
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", before_insert)
+        with app.app_context():
+            dal.stores().redis = counting.inner
+    assert response.status_code == 201
+    assert len(at_write) == 1
+    assert at_write[0] <= 2
+    print(f"redis_round_trips_before_write={at_write[0]} cache={'warm' if warm else 'cold'}")
+
+
+def test_every_key_the_app_writes_has_a_ttl(app: Flask, client: FlaskClient) -> None:
+    form = owner_form(app)
+    auth = AuthActions(client, app)
+    auth.signup()
+    visitor = app.test_client()
+    visitor.get(f"/f/{form.public_id}")
+    visitor.get("/f/unknown-id")
+    for n in range(3):
+        visitor.post(f"/f/{form.public_id}", json={"n": n})
+    visitor.post(f"/f/{form.public_id}", data={"_gotcha": "bot"})
+    auth.logout()
+    auth.login(password="wrong password")
+    auth.login()
+    client.get(f"/forms/{form.public_id}")  # not the owner: 404, but no stray keys either
+    with app.app_context():
+        r = dal.stores().redis
+        keys = list(r.scan_iter(f"{dal.stores().key_prefix}*"))
+        assert keys, "the scenario should have written keys"
+        without_ttl = [key for key in keys if r.ttl(key) < 0]
+    assert without_ttl == []
+
+
+# --- rate limits --------------------------------------------------------------------------------
+
+
+def test_1000_rapid_submissions_from_one_ip_are_held_to_the_limit(app: Flask) -> None:
+    form = owner_form(app)
+    visitor = app.test_client()
+    answers = [visitor.post(f"/f/{form.public_id}", json={"n": n}) for n in range(1000)]
+    ok = [a for a in answers if a.status_code == 201]
+    limited = [a for a in answers if a.status_code == 429]
+    assert len(ok) <= 10
+    assert len(ok) + len(limited) == 1000
+    assert all(int(a.headers["Retry-After"]) > 0 for a in limited)
+    assert limited[0].json == {
+        "ok": False,
+        "error": "Too many submissions; wait a moment and send the form again.",
+    }
+    html = visitor.post(f"/f/{form.public_id}", data={"n": "x"}, headers={"Accept": "text/html"})
+    assert html.status_code == 429
+    assert "Too many submissions" in html.get_data(as_text=True)
+    assert "Retry-After" in html.headers
+
+
+def test_the_per_form_limit_holds_across_addresses(
+    overrides: dict[str, Any], redis_backend: str
+) -> None:
+    app = microapp.create_app(**overrides, submit_limit_per_form_hour=5)
+    form = owner_form(app)
+    visitor = app.test_client()
+    codes = [
+        visitor.post(
+            f"/f/{form.public_id}", json={"n": n}, environ_base={"REMOTE_ADDR": f"10.0.0.{n}"}
+        ).status_code
+        for n in range(8)
+    ]
+    assert codes == [201] * 5 + [429] * 3
+
+
+def test_limits_can_be_switched_off_for_load_tests(
+    overrides: dict[str, Any], redis_backend: str
+) -> None:
+    app = microapp.create_app(**overrides, rate_limits_enabled=False)
+    form = owner_form(app)
+    visitor = app.test_client()
+    assert {visitor.post(f"/f/{form.public_id}", json={"n": n}).status_code for n in range(30)} == {
+        201
+    }
+
+
+def test_150_wrong_passwords_get_429_and_even_the_right_one_waits(
+    app: Flask, client: FlaskClient
+) -> None:
+    auth = AuthActions(client, app)
+    auth.signup()
+    auth.logout()
+    codes = [auth.login(password=f"wrong {n}").status_code for n in range(150)]
+    assert codes[:10] == [422] * 10
+    assert set(codes[10:]) == {429}
+    refused = auth.login()
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) > 0
+    assert "Too many attempts" in refused.get_data(as_text=True)
+    assert client.get("/forms").status_code == 302
+
+
+def test_login_limit_answers_json_to_json_clients(app: Flask, client: FlaskClient) -> None:
+    auth = AuthActions(client, app)
+    auth.signup()
+    auth.logout()
+    for n in range(10):
+        auth.login(password=f"wrong {n}")
+    token_page = client.get("/login").get_data(as_text=True)
+    assert "csrf_token" in token_page
+    from conftest import csrf_token
+
+    response = client.post(
+        "/login",
+        data={
+            "email": "owner@example.com",
+            "password": PASSWORD,
+            "csrf_token": csrf_token(client, "/login"),
+        },
+        headers={"Accept": "application/json"},
+    )
+    assert response.status_code == 429
+    assert response.json["error"]["code"] == "too_many_requests"
+    assert "Retry-After" in response.headers
+
+
+def test_sign_up_is_limited_per_address(overrides: dict[str, Any], redis_backend: str) -> None:
+    app = microapp.create_app(**overrides, signup_limit_per_ip_hour=3)
+    client = app.test_client()
+    codes = [AuthActions(client, app).signup(f"s{n}@example.com").status_code for n in range(5)]
+    assert codes[:3] == [302] * 3
+    assert codes[3:] == [429, 429]
+
+
+# --- Redis unreachable --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_down_app(overrides: dict[str, Any]) -> Flask:
+    """Connected mode pointing at a port where no Redis listens."""
+    return microapp.create_app(**overrides, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+
+
+def test_with_redis_unreachable_submissions_and_pages_still_work(redis_down_app: Flask) -> None:
+    form = owner_form(redis_down_app)
+    visitor = redis_down_app.test_client()
+    assert visitor.get(f"/f/{form.public_id}").status_code == 200
+    assert visitor.post(f"/f/{form.public_id}", json={"message": "hi"}).status_code == 201
+    ready = visitor.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json["status"] == "degraded"
+    with redis_down_app.app_context(), dal.connection() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(dal.submissions)).scalar() == 1
+
+
+def test_with_redis_unreachable_an_in_process_limiter_still_holds(redis_down_app: Flask) -> None:
+    form = owner_form(redis_down_app)
+    visitor = redis_down_app.test_client()
+    codes = [visitor.post(f"/f/{form.public_id}", json={"n": n}).status_code for n in range(15)]
+    assert codes.count(201) == 10
+    assert codes.count(429) == 5
+
+
+def test_a_forged_x_forwarded_for_cannot_dodge_the_limit(overrides: dict[str, Any]) -> None:
+    """Behind one trusted proxy hop, waitress takes the address the proxy appended."""
+    import waitress.server
+
+    app = microapp.create_app(**overrides)
+    form = owner_form(app)
+    server = waitress.server.create_server(
+        app,
+        host="127.0.0.1",
+        port=0,
+        trusted_proxy="127.0.0.1",
+        trusted_proxy_count=1,
+        trusted_proxy_headers={"x-forwarded-for"},
+        clear_untrusted_proxy_headers=True,
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    port = server.effective_port  # type: ignore[union-attr]
+    codes = []
+    try:
+        for n in range(15):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request(
+                "POST",
+                f"/f/{form.public_id}",
+                body='{"n": 1}',
+                headers={
+                    "Content-Type": "application/json",
+                    "X-Forwarded-For": f"198.51.100.{n}, 203.0.113.7",
+                },
+            )
+            codes.append(conn.getresponse().status)
+            conn.close()
+    finally:
+        server.close()
+    assert codes.count(201) == 10
+    assert codes.count(429) == 5
