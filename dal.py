@@ -102,6 +102,7 @@ forms = sa.Table(
     sa.Column("webhook_url", sa.String(2000)),
     sa.Column("webhook_secret", sa.String(100)),
     sa.Column("notify", sa.Boolean, nullable=False, default=True),
+    sa.Column("retention_days", sa.Integer),  # NULL = keep submissions forever
     # Owner's spam rules: {"words": [...], "email_domains": [...]}.
     sa.Column("spam_rules", JSONType, nullable=False, default=dict),
     sa.Column("status", sa.String(16), nullable=False, default="active"),
@@ -552,8 +553,7 @@ def set_spam(conn: Connection, submission_id: int, is_spam: bool, reason: str | 
 
 def delete_submission(conn: Connection, submission_id: int) -> None:
     """Remove one submission and its deliveries."""
-    conn.execute(sa.delete(deliveries).where(deliveries.c.submission_id == submission_id))
-    conn.execute(sa.delete(submissions).where(submissions.c.id == submission_id))
+    _delete_submissions(conn, [submission_id])
 
 
 def deliveries_for(conn: Connection, submission_id: int) -> list[Row]:
@@ -1153,3 +1153,60 @@ def daily_counts(conn: Connection, form_id: int, days: int) -> list[DayCount]:
     }
     dates = [first + dt.timedelta(days=offset) for offset in range(days)]
     return [DayCount(date, found.get(date, 0)) for date in dates]
+
+
+# =================================================================================================
+# Retention and erasure
+# =================================================================================================
+
+
+def _delete_submissions(conn: Connection, ids: sa.Select[Any] | list[int]) -> int:
+    """Delete submissions (and their deliveries) by id or by an id subquery; the count."""
+    conn.execute(sa.delete(deliveries).where(deliveries.c.submission_id.in_(ids)))
+    return conn.execute(sa.delete(submissions).where(submissions.c.id.in_(ids))).rowcount
+
+
+def forms_with_retention(conn: Connection) -> list[Row]:
+    """Forms whose owner set a retention period."""
+    return list(
+        conn.execute(
+            sa.select(forms.c.id, forms.c.retention_days).where(forms.c.retention_days.is_not(None))
+        )
+    )
+
+
+def purge_before(conn: Connection, form_id: int, cutoff: dt.datetime, batch: int) -> int:
+    """Delete up to ``batch`` of a form's submissions older than ``cutoff``; the count."""
+    ids = (
+        sa.select(submissions.c.id)
+        .where(submissions.c.form_id == form_id, submissions.c.created_at < cutoff)
+        .order_by(submissions.c.id)
+        .limit(batch)
+    )
+    return _delete_submissions(conn, list(conn.execute(ids).scalars()))
+
+
+def submissions_mentioning(conn: Connection, owner_id: int, text: str) -> Iterator[Row]:
+    """The owner's submissions whose data or control values contain ``text`` (candidates)."""
+    pattern = _like_pattern(text)
+    query = (
+        sa.select(submissions.c.id, submissions.c.data, submissions.c.meta)
+        .join(forms, forms.c.id == submissions.c.form_id)
+        .where(
+            forms.c.owner_id == owner_id,
+            sa.or_(
+                sa.cast(submissions.c.data, sa.Text).ilike(pattern, escape="\\"),
+                sa.cast(submissions.c.meta, sa.Text).ilike(pattern, escape="\\"),
+            ),
+        )
+        .order_by(submissions.c.id)
+    )
+    yield from conn.execute(query)
+
+
+def delete_submissions(conn: Connection, ids: list[int]) -> int:
+    """Delete these submissions and their deliveries; the count."""
+    total = 0
+    for start in range(0, len(ids), 500):
+        total += _delete_submissions(conn, ids[start : start + 500])
+    return total

@@ -28,7 +28,15 @@ from wtforms import (
     TextAreaField,
     URLField,
 )
-from wtforms.validators import DataRequired, Email, EqualTo, Length, Optional, ValidationError
+from wtforms.validators import (
+    DataRequired,
+    Email,
+    EqualTo,
+    Length,
+    NumberRange,
+    Optional,
+    ValidationError,
+)
 from wtforms.widgets import DateInput, ListWidget, NumberInput
 
 EMAIL_MAX_LENGTH = 254
@@ -682,6 +690,13 @@ class FormSettingsForm(FlaskForm):
         description="A hidden field that people leave empty and spam bots fill in.",
     )
     strict = BooleanField("Strict schema: refuse fields the schema does not name")
+    retention_days = IntegerField(
+        "Keep submissions for (days)",
+        validators=[
+            Optional(),
+            NumberRange(min=1, max=3650, message="Use a number of days from 1 to 3650."),
+        ],
+    )
     blocked_words = TextAreaField(
         "Blocked words",
         filters=[_strip_filter],
@@ -725,6 +740,7 @@ def settings_values(form: FormSettingsForm) -> dict[str, Any]:
         "status": form.status.data,
         "honeypot_field": form.honeypot_field.data,
         "strict": bool(form.strict.data),
+        "retention_days": form.retention_days.data,
         "spam_rules": {
             "words": _split_lines(form.blocked_words.data)[:200],
             "email_domains": [
@@ -744,6 +760,7 @@ def settings_form_data(values: Mapping[str, Any]) -> dict[str, Any]:
         "status": values.get("status") or "active",
         "honeypot_field": values.get("honeypot_field") or DEFAULT_HONEYPOT_FIELD,
         "strict": bool(values.get("strict", False)),
+        "retention_days": values.get("retention_days"),
         "blocked_words": "\n".join((values.get("spam_rules") or {}).get("words", [])),
         "blocked_email_domains": "\n".join(
             (values.get("spam_rules") or {}).get("email_domains", [])
@@ -1081,3 +1098,17 @@ class ApiTokenForm(FlaskForm):
         """The name is shown in the token list: printable characters only."""
         if _UNPRINTABLE_KEY_RE.search(field.data or ""):
             raise ValidationError("Use printable characters only.")
+
+
+class EraseForm(FlaskForm):
+    """Find (then delete) everything an owner holds about one email address."""
+
+    email = EmailField(
+        "Email address",
+        filters=[_strip],
+        validators=[
+            DataRequired("Enter the email address to look for."),
+            Length(max=EMAIL_MAX_LENGTH, message="Use an address of at most 254 characters."),
+            Email("Enter a valid email address, like you@example.com."),
+        ],
+    )

@@ -721,6 +721,22 @@ def resend_confirmation() -> Any:
     return redirect(url_for("pages.account"))
 
 
+@pages.route("/account/erase", methods=["GET", "POST"])
+@login_required
+def account_erase() -> Any:
+    """Find, then delete, everything the owner holds about one email address."""
+    form = forms.EraseForm()
+    found = None
+    if form.validate_on_submit():
+        if request.form.get("action") == "delete":
+            deleted = services.erase_person(g.user.id, form.email.data)
+            flash(f"Deleted {deleted} submission(s) that mentioned {form.email.data}.", "success")
+            return redirect(url_for("pages.account_erase"))
+        found = len(services.submissions_about(g.user.id, form.email.data))
+    status = 422 if form.errors else 200
+    return render_template("account_erase.html", form=form, found=found), status
+
+
 @pages.get("/forms")
 @login_required
 def forms_index() -> str:
@@ -2327,11 +2343,15 @@ def _start_embedded_sweeper(app: Flask, interval: int) -> threading.Thread:
     """With no worker to run beat, one background thread retries due deliveries."""
 
     def sweep_forever() -> None:
+        last_purge = 0.0
         while True:
             time.sleep(interval)
             try:
                 with app.app_context():
                     tasks.sweep(inline=True)
+                    if time.monotonic() - last_purge > 24 * 3600:
+                        services.purge_expired()
+                        last_purge = time.monotonic()
             except Exception:
                 log.exception("outbox.sweep_failed")
 
@@ -2362,6 +2382,11 @@ def _register_cli(app: Flask) -> None:
             if count == 0:
                 break
         click.echo(f"Delivered or rescheduled {total} pending deliveries.")
+
+    @app.cli.command("purge")
+    def purge_command() -> None:
+        """Delete submissions past their form's retention period (idempotent)."""
+        click.echo(f"Purged {services.purge_expired()} expired submissions.")
 
     @app.cli.command("serve")
     @click.option("--host", default=None, help="Address to bind (default: HOST).")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import datetime as dt
 import hashlib
 import hmac
 import html
@@ -1153,6 +1154,65 @@ def replay_owned_delivery(submission: dal.Row, delivery_id: int) -> dal.Row:
         raise Conflict("This delivery was picked up in the meantime; try again in a moment.")
     latest = {d.id: d for d in submission_deliveries(submission)}
     return latest.get(delivery_id, delivery)
+
+
+# =================================================================================================
+# Retention and erasure
+# =================================================================================================
+
+PURGE_BATCH = 1000
+
+
+def purge_expired(now: dt.datetime | None = None) -> int:
+    """Delete submissions older than their form's retention period; safe to run any time."""
+    now = now or dal.utcnow()
+    total = 0
+    with dal.connection() as conn:
+        targets = dal.forms_with_retention(conn)
+    for form in targets:
+        cutoff = now - dt.timedelta(days=form.retention_days)
+        while True:
+            with dal.transaction() as conn:
+                deleted = dal.purge_before(conn, form.id, cutoff, PURGE_BATCH)
+            total += deleted
+            if deleted < PURGE_BATCH:
+                break
+        dal.drop_cached(f"stats:{form.id}")
+    if total:
+        log.info("retention.purged", submissions=total)
+    return total
+
+
+def _mentions(value: Any, address: str) -> bool:
+    """Whether a stored value holds the address (as a whole address, any letter case)."""
+    if isinstance(value, str):
+        pattern = r"(?<![\w.+-])" + re.escape(address) + r"(?![\w-]|\.[\w-])"
+        return re.search(pattern, value, re.IGNORECASE) is not None
+    if isinstance(value, dict):
+        return any(_mentions(v, address) for v in value.values())
+    if isinstance(value, list):
+        return any(_mentions(v, address) for v in value)
+    return False
+
+
+def submissions_about(owner_id: int, email: str) -> list[int]:
+    """Ids of the owner's submissions, across all forms, that contain this email address."""
+    address = normalise_email(email)
+    with dal.connection() as conn:
+        return [
+            row.id
+            for row in dal.submissions_mentioning(conn, owner_id, address)
+            if _mentions(row.data, address) or _mentions(row.meta, address)
+        ]
+
+
+def erase_person(owner_id: int, email: str) -> int:
+    """Delete everything this owner holds about an email address; how many submissions."""
+    ids = submissions_about(owner_id, email)
+    with dal.transaction() as conn:
+        deleted = dal.delete_submissions(conn, ids)
+    log.info("erasure.done", owner=owner_id, submissions=deleted)
+    return deleted
 
 
 # =================================================================================================

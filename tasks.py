@@ -78,6 +78,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "beat_schedule": {
             "sweep-outbox": {"task": "tasks.sweep_outbox", "schedule": settings.sweep_interval},
+            "purge-retention": {"task": "tasks.purge_retention", "schedule": 24 * 3600},
         },
     }
     return config
@@ -255,6 +256,12 @@ def _record_failure(
         return "dead"
     log.info("delivery.retry", kind=context.kind, attempts=context.attempts, in_s=round(delay))
     return "retry"
+
+
+@shared_task
+def purge_retention() -> int:
+    """Daily beat task: delete submissions past their form's retention period."""
+    return services.purge_expired()
 
 
 @shared_task
