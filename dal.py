@@ -126,6 +126,8 @@ submissions = sa.Table(
     sa.Column("referrer", sa.String(2000)),
     # Control values that are not data but that delivery needs later (_subject, _replyto).
     sa.Column("meta", JSONType, nullable=False, default=dict),
+    # The values as people typed them, case-folded: what inbox search matches.
+    sa.Column("search_text", sa.Text, nullable=False, default=""),
     sa.Column("created_at", UTCDateTime, nullable=False, default=utcnow),
     sa.Index("ix_submissions_form_id", "form_id", "id"),
 )
@@ -452,8 +454,15 @@ def owner_of_form(conn: Connection, form_id: int) -> Row | None:
 # =================================================================================================
 
 
+def search_text(data: dict[str, Any]) -> str:
+    """The searchable text of a submission: every value as typed, case-folded."""
+    parts = [value if isinstance(value, str) else json.dumps(value) for value in data.values()]
+    return "\n".join(parts).casefold()
+
+
 def insert_submission(conn: Connection, values: dict[str, Any]) -> Row:
-    """Store one submission."""
+    """Store one submission (its search text is derived from its data)."""
+    values = {"search_text": search_text(values["data"]), **values}
     sub_id = conn.execute(
         sa.insert(submissions).values(created_at=utcnow(), **values)
     ).inserted_primary_key[0]
@@ -502,8 +511,8 @@ def submission_page(
     if spam is not None:
         stmt = stmt.where(submissions.c.is_spam.is_(spam))
     if query:
-        text = sa.cast(submissions.c.data, sa.Text)
-        stmt = stmt.where(text.ilike(_like_pattern(query), escape="\\"))
+        pattern = _like_pattern(query.casefold())
+        stmt = stmt.where(submissions.c.search_text.like(pattern, escape="\\"))
     if since is not None:
         stmt = stmt.where(submissions.c.created_at >= since)
     if until is not None:

@@ -730,6 +730,16 @@ class FormSettingsForm(FlaskForm):
             )
 
 
+def honeypot_clash(specs: Sequence[Mapping[str, Any]], honeypot: str) -> str | None:
+    """Why a honeypot name cannot be used with these fields (a real field would be trapped)."""
+    if any(spec.get("name") == honeypot for spec in specs):
+        return (
+            f"A field of this form is named '{honeypot}': it cannot also be the spam trap. "
+            "Choose another name for one of them, like _gotcha."
+        )
+    return None
+
+
 def settings_values(form: FormSettingsForm) -> dict[str, Any]:
     """The cleaned settings of a validated FormSettingsForm, ready to store."""
     return {

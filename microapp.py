@@ -782,9 +782,12 @@ def form_settings(public_id: str) -> Any:
         return _render_settings(record)
     form = forms.FormSettingsForm()
     if form.validate_on_submit():
-        services.update_form_settings(record, forms.settings_values(form))
-        flash("Settings saved.", "success")
-        return redirect(url_for("pages.form_settings", public_id=public_id))
+        clash = forms.honeypot_clash(record.fields or [], form.honeypot_field.data)
+        if clash is None:
+            services.update_form_settings(record, forms.settings_values(form))
+            flash("Settings saved.", "success")
+            return redirect(url_for("pages.form_settings", public_id=public_id))
+        form.honeypot_field.errors.append(clash)
     return _render_settings(record, form=form), 422
 
 
@@ -837,9 +840,13 @@ def form_fields(public_id: str) -> Any:
     if forms.apply_builder_action(form, action):
         return render_template("form_fields.html", form=form, record=record)
     if form.validate_on_submit():
-        services.save_fields(record, forms.field_specs(form))
-        flash("Fields saved. The hosted page and validation use them from now on.", "success")
-        return redirect(url_for("pages.form_fields", public_id=public_id))
+        specs = forms.field_specs(form)
+        clash = forms.honeypot_clash(specs, record.honeypot_field)
+        if clash is None:
+            services.save_fields(record, specs)
+            flash("Fields saved. The hosted page and validation use them from now on.", "success")
+            return redirect(url_for("pages.form_fields", public_id=public_id))
+        form.form_errors.append(clash)
     return render_template("form_fields.html", form=form, record=record), 422
 
 
@@ -851,6 +858,8 @@ def form_inbox(public_id: str) -> str:
     query = request.args.get("q", "").strip()[:200]
     spam = request.args.get("spam") == "1"
     before = request.args.get("before", type=int)
+    if before is not None and not 0 < before < 2**31:
+        before = None  # not a cursor we hand out: start from the newest
     rows, next_before = services.inbox_page(record, before=before, query=query, spam=spam)
     return render_template(
         "form_inbox.html",

@@ -213,3 +213,35 @@ def test_stats_block_counts_today_week_spam_and_honeypot(
     page = client.get(f"/forms/{owner['public_id']}").get_data(as_text=True)
     assert "Spam caught" in page
     assert "Honeypot hits" in page
+
+
+def test_honeypot_name_cannot_be_a_field_name(
+    app: Flask, owner: dict[str, Any], client: FlaskClient
+) -> None:
+    public_id = owner["public_id"]
+    saved = post_form(
+        client,
+        f"/forms/{public_id}/fields",
+        {"action": "save", "fields-0-name": "website", "fields-0-type": "url"},
+    )
+    assert saved.status_code == 302
+    response = post_form(
+        client,
+        f"/forms/{public_id}/settings",
+        {"name": "Contact", "status": "active", "honeypot_field": "website"},
+    )
+    assert response.status_code == 422
+    assert "A field of this form is named &#39;website&#39;" in response.get_data(as_text=True)
+    renamed = post_form(
+        client,
+        f"/forms/{public_id}/settings",
+        {"name": "Contact", "status": "active", "honeypot_field": "trap"},
+    )
+    assert renamed.status_code == 302
+    clash = post_form(
+        client,
+        f"/forms/{public_id}/fields",
+        {"action": "save", "fields-0-name": "trap", "fields-0-type": "text"},
+    )
+    assert clash.status_code == 422
+    assert "A field of this form is named &#39;trap&#39;" in clash.get_data(as_text=True)
