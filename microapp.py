@@ -45,7 +45,7 @@ from flask import (
     url_for,
 )
 from flask.views import MethodView
-from flask_wtf.csrf import CSRFError, CSRFProtect
+from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -66,6 +66,7 @@ from werkzeug.exceptions import (
     RequestEntityTooLarge,
     TooManyRequests,
 )
+from wtforms.validators import ValidationError as FormValidationError
 
 import dal
 import forms
@@ -483,9 +484,14 @@ _CSP_HOST = re.compile(r"[a-z0-9.-]+(:[0-9]{1,5})?")
 
 def _frame_ancestors() -> str:
     """Who may frame this response: nobody, except hosted pages on the form's allowed sites."""
-    form = g.get("public_form")
-    if request.endpoint not in _FRAMEABLE or form is None:
+    if request.endpoint not in _FRAMEABLE:
         return "'none'"
+    form = g.get("public_form")
+    if form is None:  # the view did not run (a CSRF failure): its answer still shows in the frame
+        try:
+            form = services.public_form((request.view_args or {}).get("public_id", ""))
+        except services.FormUnavailable:
+            return "'none'"
     if not form.allowed_domains:
         return "*"  # no list means "any site may post", so any site may embed the page too
     return " ".join(["'self'", *(d for d in form.allowed_domains if _CSP_HOST.fullmatch(d))])
@@ -1123,14 +1129,21 @@ def _render_hosted(record: Any, form: Any) -> str:
 
 @public.post("/f/<public_id>/page")
 def hosted_submit(public_id: str) -> Any:
-    """The hosted page's own submit: CSRF-protected, errors shown beside each field."""
+    """The hosted page's own submit, errors shown beside each field.
+
+    It is protected by the session's CSRF token, or by the page's signed render stamp: in a
+    cross-site iframe (allowed domains may embed the page) browsers send no session cookie, and
+    for an anonymous public form the stamp proves just as well that our page was filled in.
+    """
     try:
         record = services.public_form(public_id)
     except services.FormUnavailable as exc:
         return _unavailable(exc)
     g.public_form = record
     form = forms.hosted_form_class(record.fields or [])()
-    if not form.validate_on_submit():  # only the CSRF token has WTForms validators
+    stamp = request.form.get("_rendered")
+    if not (_session_csrf_valid() or services.render_stamp_valid(stamp)):
+        form.form_errors.append("This form expired. Reload the page and send it again.")
         return _render_hosted(record, form), 400
     try:
         result = _intake(public_id, hosted=True)
@@ -1140,6 +1153,18 @@ def hosted_submit(public_id: str) -> Any:
         forms.attach_errors(form, result.errors)
         return _render_hosted(record, form), 422
     return redirect(result.redirect_to, 303)
+
+
+csrf.exempt(hosted_submit)
+
+
+def _session_csrf_valid() -> bool:
+    """Whether the request carries this session's CSRF token."""
+    try:
+        validate_csrf(request.form.get("csrf_token"))
+    except FormValidationError:
+        return False
+    return True
 
 
 @public.get("/f/<public_id>/thanks")

@@ -316,15 +316,18 @@ def install_snippets(form: dal.Row) -> dict[str, str]:
         [
             f'<form action="{html.escape(action)}" method="POST">',
             *inputs,
+            "  <!-- Optional: where to go afterwards (a page on your site). -->",
+            '  <!-- <input type="hidden" name="_next" value="https://your-site.example/thanks"> -->',  # noqa: E501
             "  <!-- Spam trap: people never see this field, bots fill it in. -->",
-            f'  <input type="text" name="{honeypot}" tabindex="-1" autocomplete="off"'
-            ' aria-hidden="true" style="position:absolute;left:-5000px">',
+            f'  <p hidden><label>Leave this empty <input type="text" name="{honeypot}"'
+            ' tabindex="-1" autocomplete="off"></label></p>',
             '  <button type="submit">Send</button>',
             "</form>",
         ]
     )
     fetch_snippet = "\n".join(
         [
+            f"const form = document.querySelector('form[action={json.dumps(action)}]');",
             "form.addEventListener('submit', async (event) => {",
             "  event.preventDefault();",
             f"  const response = await fetch({json.dumps(action)}, {{",
@@ -764,6 +767,12 @@ def _render_age(token: Any) -> float | None:
     return time.time() - float(rendered) if isinstance(rendered, int | float) else None
 
 
+def render_stamp_valid(token: Any) -> bool:
+    """A genuine render stamp of our hosted page, at most a day old."""
+    age = _render_age(token)
+    return age is not None and -60 < age < 24 * 3600
+
+
 def spam_reasons(
     form: Any, data: dict[str, Any], *, velocity: int, rendered: Any, hosted: bool
 ) -> list[tuple[float, str]]:
@@ -1055,10 +1064,23 @@ def _clean_form_value(key: str, value: Any, errors: dict[str, list[str]]) -> Any
     return value
 
 
-def clean_form_input(values: dict[str, Any]) -> dict[str, Any]:
-    """The API's form settings (only the keys sent) checked and normalised, or InvalidInput."""
+def clean_form_input(values: dict[str, Any], current: dal.Row | None = None) -> dict[str, Any]:
+    """The API's form settings (only the keys sent) checked and normalised, or InvalidInput.
+
+    ``current`` is the form being changed: what is not sent keeps its stored value, and the
+    honeypot must not be the name of a field either way.
+    """
     errors: dict[str, list[str]] = {}
     clean = {key: _clean_form_value(key, value, errors) for key, value in values.items()}
+    if not errors:
+        fields = clean.get("fields", current.fields if current is not None else [])
+        honeypot = clean.get(
+            "honeypot_field",
+            current.honeypot_field if current is not None else forms.DEFAULT_HONEYPOT_FIELD,
+        )
+        clash = forms.honeypot_clash(fields or [], honeypot)
+        if clash:
+            errors["honeypot_field" if "honeypot_field" in clean else "fields"] = [clash]
     if errors:
         raise InvalidInput(errors)
     return clean
@@ -1080,7 +1102,7 @@ def update_form_via_api(
 
     Everything is checked before anything is written.
     """
-    clean = clean_form_input(values)
+    clean = clean_form_input(values, form)
     webhook_url = clean.pop("webhook_url") if "webhook_url" in clean else form.webhook_url
     if rotate_secret and not webhook_url:
         raise Conflict("This form has no webhook. Set webhook_url to create one first.")
