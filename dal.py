@@ -103,6 +103,10 @@ forms = sa.Table(
     sa.Column("webhook_secret", sa.String(100)),
     sa.Column("notify", sa.Boolean, nullable=False, default=True),
     sa.Column("retention_days", sa.Integer),  # NULL = keep submissions forever
+    # Shown on the hosted page (plain text): a description, the thank-you message, the footer.
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    sa.Column("thanks_message", sa.Text, nullable=False, default=""),
+    sa.Column("show_branding", sa.Boolean, nullable=False, default=True),
     # Owner's spam rules: {"words": [...], "email_domains": [...]}.
     sa.Column("spam_rules", JSONType, nullable=False, default=dict),
     sa.Column("status", sa.String(16), nullable=False, default="active"),
@@ -442,11 +446,21 @@ def forms_with_counts(conn: Connection, owner_id: int) -> list[Row]:
     return list(conn.execute(query))
 
 
+# The submission path's statements are built once: executed with a parameter dict they reuse
+# their cache key and compiled form, instead of building and hashing a new statement per call.
+_OWNER_OF_FORM = (
+    sa.select(users)
+    .join(forms, forms.c.owner_id == users.c.id)
+    .where(forms.c.id == sa.bindparam("form_id"))
+)
+_INSERT_SUBMISSION = sa.insert(submissions)
+_SUBMISSION_BY_ID = sa.select(submissions).where(submissions.c.id == sa.bindparam("submission_id"))
+_INSERT_DELIVERY = sa.insert(deliveries)
+
+
 def owner_of_form(conn: Connection, form_id: int) -> Row | None:
     """The user who owns a form."""
-    return conn.execute(
-        sa.select(users).join(forms, forms.c.owner_id == users.c.id).where(forms.c.id == form_id)
-    ).one_or_none()
+    return conn.execute(_OWNER_OF_FORM, {"form_id": form_id}).one_or_none()
 
 
 # =================================================================================================
@@ -462,11 +476,9 @@ def search_text(data: dict[str, Any]) -> str:
 
 def insert_submission(conn: Connection, values: dict[str, Any]) -> Row:
     """Store one submission (its search text is derived from its data)."""
-    values = {"search_text": search_text(values["data"]), **values}
-    sub_id = conn.execute(
-        sa.insert(submissions).values(created_at=utcnow(), **values)
-    ).inserted_primary_key[0]
-    return conn.execute(sa.select(submissions).where(submissions.c.id == sub_id)).one()
+    values = {"search_text": search_text(values["data"]), **values, "created_at": utcnow()}
+    sub_id = conn.execute(_INSERT_SUBMISSION, values).inserted_primary_key[0]
+    return conn.execute(_SUBMISSION_BY_ID, {"submission_id": sub_id}).one()
 
 
 def insert_delivery(
@@ -475,15 +487,16 @@ def insert_delivery(
     """Queue one delivery in the outbox (same transaction as its submission); spam is held."""
     now = utcnow()
     return conn.execute(
-        sa.insert(deliveries).values(
-            submission_id=submission_id,
-            kind=kind,
-            target=target,
-            status=status,
-            attempts=0,
-            next_attempt_at=now,
-            updated_at=now,
-        )
+        _INSERT_DELIVERY,
+        {
+            "submission_id": submission_id,
+            "kind": kind,
+            "target": target,
+            "status": status,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "updated_at": now,
+        },
     ).inserted_primary_key[0]
 
 
@@ -590,7 +603,7 @@ STATS_TTL = 60
 _CACHED_FORM_COLUMNS = (
     "id", "public_id", "owner_id", "name", "fields", "schema_version", "strict",
     "redirect_url", "allowed_domains", "honeypot_field", "webhook_url", "notify", "status",
-    "spam_rules",
+    "spam_rules", "description", "thanks_message", "show_branding",
 )  # fmt: skip
 _warned_at: dict[str, float] = {}
 _warn_lock = threading.Lock()

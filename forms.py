@@ -690,6 +690,17 @@ class FormSettingsForm(FlaskForm):
         description="A hidden field that people leave empty and spam bots fill in.",
     )
     strict = BooleanField("Strict schema: refuse fields the schema does not name")
+    description = TextAreaField(
+        "Description",
+        filters=[_strip_filter],
+        validators=[Length(max=2000, message="Use at most 2000 characters.")],
+    )
+    thanks_message = TextAreaField(
+        "Thank-you message",
+        filters=[_strip_filter],
+        validators=[Length(max=2000, message="Use at most 2000 characters.")],
+    )
+    show_branding = BooleanField("Show “Powered by Mailslot” on the hosted page", default=True)
     retention_days = IntegerField(
         "Keep submissions for (days)",
         validators=[
@@ -751,6 +762,9 @@ def settings_values(form: FormSettingsForm) -> dict[str, Any]:
         "honeypot_field": form.honeypot_field.data,
         "strict": bool(form.strict.data),
         "retention_days": form.retention_days.data,
+        "description": form.description.data or "",
+        "thanks_message": form.thanks_message.data or "",
+        "show_branding": bool(form.show_branding.data),
         "spam_rules": {
             "words": _split_lines(form.blocked_words.data)[:200],
             "email_domains": [
@@ -771,6 +785,9 @@ def settings_form_data(values: Mapping[str, Any]) -> dict[str, Any]:
         "honeypot_field": values.get("honeypot_field") or DEFAULT_HONEYPOT_FIELD,
         "strict": bool(values.get("strict", False)),
         "retention_days": values.get("retention_days"),
+        "description": values.get("description") or "",
+        "thanks_message": values.get("thanks_message") or "",
+        "show_branding": bool(values.get("show_branding", True)),
         "blocked_words": "\n".join((values.get("spam_rules") or {}).get("words", [])),
         "blocked_email_domains": "\n".join(
             (values.get("spam_rules") or {}).get("email_domains", [])

@@ -647,6 +647,10 @@ def test_form_settings_values_are_cleaned(app):
         "honeypot_field": "website",
         "strict": True,
         "spam_rules": {"words": ["casino", "free money"], "email_domains": ["spam.example"]},
+        "retention_days": None,
+        "description": "",
+        "thanks_message": "",
+        "show_branding": False,
     }
 
 
@@ -678,6 +682,10 @@ def test_form_settings_round_trip_through_stored_values(app):
         "honeypot_field": "_trap",
         "strict": True,
         "spam_rules": {"words": ["casino"], "email_domains": ["spam.example"]},
+        "retention_days": 30,
+        "description": "About us",
+        "thanks_message": "Thanks!",
+        "show_branding": True,
     }
     with app.test_request_context():
         form = forms.FormSettingsForm(data=forms.settings_form_data(stored))
