@@ -704,7 +704,7 @@ def account_tokens() -> Any:
     return response
 
 
-@pages.post("/account/tokens/<int:token_id>/revoke")
+@pages.post("/account/tokens/<int(max=2147483647):token_id>/revoke")  # ids are 32-bit in SQL
 @login_required
 def account_token_revoke(token_id: int) -> Any:
     """Revoke a token: programs using it get 401 from the next request on."""
@@ -1669,7 +1669,8 @@ def _query(model: type[Any]) -> Any:
 
 
 _CURSOR = re.compile(r"[A-Za-z0-9_-]{2,40}")
-_CURSOR_VALUE = re.compile(r"s([1-9][0-9]{0,17})")
+_CURSOR_VALUE = re.compile(r"s([1-9][0-9]{0,9})")
+_MAX_ROW_ID = 2**31 - 1  # ids are 32-bit integers on PostgreSQL
 
 
 def _encode_cursor(before: int | None) -> str | None:
@@ -1688,7 +1689,7 @@ def _decode_cursor(cursor: str) -> int:
         except (ValueError, UnicodeDecodeError):
             value = None
     match = _CURSOR_VALUE.fullmatch(value or "")
-    if match is None:
+    if match is None or int(match.group(1)) > _MAX_ROW_ID:
         raise ApiError(
             422,
             "invalid",
