@@ -18,8 +18,8 @@ import pytest
 import schemathesis
 from flask import Flask
 
+import api
 import dal
-import microapp
 import services
 from conftest import TEST_DATABASE_URL, WebhookReceiver
 
@@ -125,7 +125,7 @@ class CurrentApp:
 # would fetch it per test, sets ``request.node._nodeid``, which pytest 9 no longer has.)
 CURRENT_APP = CurrentApp()
 SCHEMA = schemathesis.openapi.from_dict(
-    microapp.openapi_document(BASE_URL), config=schemathesis.Config.from_dict(CONFIG)
+    api.openapi_document(BASE_URL), config=schemathesis.Config.from_dict(CONFIG)
 )
 SCHEMA.app = CURRENT_APP
 
