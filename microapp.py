@@ -54,6 +54,7 @@ from werkzeug.exceptions import (
     InternalServerError,
     TooManyRequests,
 )
+from werkzeug.routing import BaseConverter
 from wtforms.validators import ValidationError as FormValidationError
 
 import dal
@@ -428,6 +429,7 @@ def create_app(**overrides: Any) -> Flask:
     tasks.celery_init_app(app, settings)
     csrf.init_app(app)
 
+    app.url_map.converters["pid"] = PublicIdConverter
     app.register_blueprint(pages)
     app.register_blueprint(public)
     app.register_blueprint(api)
@@ -454,6 +456,12 @@ def create_app(**overrides: Any) -> Flask:
         mail=settings.mail_backend,
     )
     return app
+
+
+class PublicIdConverter(BaseConverter):
+    """Public ids are URL-safe tokens: anything else is a 404 before any lookup."""
+
+    regex = r"[A-Za-z0-9_-]{1,64}"
 
 
 def app_settings() -> Settings:
@@ -769,7 +777,7 @@ def form_new() -> Any:
     return render_template("form_settings.html", form=form, record=None), status
 
 
-@pages.route("/forms/<public_id>/settings", methods=["GET", "POST"])
+@pages.route("/forms/<pid:public_id>/settings", methods=["GET", "POST"])
 @login_required
 def form_settings(public_id: str) -> Any:
     """Change a form's settings."""
@@ -787,7 +795,7 @@ def form_settings(public_id: str) -> Any:
     return _render_settings(record, form=form), 422
 
 
-@pages.post("/forms/<public_id>/webhook")
+@pages.post("/forms/<pid:public_id>/webhook")
 @login_required
 def form_webhook(public_id: str) -> Any:
     """Save, test or re-key the form's webhook (buttons named ``action``)."""
@@ -823,7 +831,7 @@ def _render_settings(record: dal.Row, form: Any = None, webhook_form: Any = None
     )
 
 
-@pages.route("/forms/<public_id>/fields", methods=["GET", "POST"])
+@pages.route("/forms/<pid:public_id>/fields", methods=["GET", "POST"])
 @login_required
 def form_fields(public_id: str) -> Any:
     """The field builder: add, remove, reorder and save fields without JavaScript."""
@@ -846,7 +854,7 @@ def form_fields(public_id: str) -> Any:
     return render_template("form_fields.html", form=form, record=record), 422
 
 
-@pages.get("/forms/<public_id>")
+@pages.get("/forms/<pid:public_id>")
 @login_required
 def form_inbox(public_id: str) -> str:
     """The inbox: newest first, keyset pages, search and a spam filter; the install panel."""
@@ -871,7 +879,7 @@ def form_inbox(public_id: str) -> str:
     )
 
 
-@pages.get("/forms/<public_id>/submissions/<submission_id>")
+@pages.get("/forms/<pid:public_id>/submissions/<pid:submission_id>")
 @login_required
 def submission_detail(public_id: str, submission_id: str) -> str:
     """One submission with every field, when and from where, and its delivery log."""
@@ -886,7 +894,7 @@ def submission_detail(public_id: str, submission_id: str) -> str:
     )
 
 
-@pages.post("/forms/<public_id>/submissions/<submission_id>/spam")
+@pages.post("/forms/<pid:public_id>/submissions/<pid:submission_id>/spam")
 @login_required
 def submission_mark(public_id: str, submission_id: str) -> Any:
     """Mark a submission spam or not spam."""
@@ -901,7 +909,7 @@ def submission_mark(public_id: str, submission_id: str) -> Any:
     )
 
 
-@pages.post("/forms/<public_id>/submissions/<submission_id>/delete")
+@pages.post("/forms/<pid:public_id>/submissions/<pid:submission_id>/delete")
 @login_required
 def submission_delete(public_id: str, submission_id: str) -> Any:
     """Delete one submission."""
@@ -913,7 +921,9 @@ def submission_delete(public_id: str, submission_id: str) -> Any:
     return redirect(url_for("pages.form_inbox", public_id=public_id))
 
 
-@pages.post("/forms/<public_id>/submissions/<submission_id>/deliveries/<int:delivery_id>/replay")
+@pages.post(
+    "/forms/<pid:public_id>/submissions/<pid:submission_id>/deliveries/<int:delivery_id>/replay"
+)
 @login_required
 def delivery_replay(public_id: str, submission_id: str, delivery_id: int) -> Any:
     """Send a done or dead delivery again."""
@@ -929,7 +939,7 @@ def delivery_replay(public_id: str, submission_id: str, delivery_id: int) -> Any
     )
 
 
-@pages.get("/forms/<public_id>/deliveries/dead")
+@pages.get("/forms/<pid:public_id>/deliveries/dead")
 @login_required
 def dead_deliveries(public_id: str) -> str:
     """Deliveries that ran out of attempts, each with a way to replay it."""
@@ -942,7 +952,7 @@ def dead_deliveries(public_id: str) -> str:
     )
 
 
-@pages.get("/forms/<public_id>/export.csv")
+@pages.get("/forms/<pid:public_id>/export.csv")
 @login_required
 def export_csv(public_id: str) -> Any:
     """Every submission as CSV, streamed."""
@@ -950,7 +960,7 @@ def export_csv(public_id: str) -> Any:
     return _download(services.export_csv(record), record, "csv", "text/csv; charset=utf-8")
 
 
-@pages.get("/forms/<public_id>/export.json")
+@pages.get("/forms/<pid:public_id>/export.json")
 @login_required
 def export_json(public_id: str) -> Any:
     """Every submission as JSON, streamed."""
@@ -968,7 +978,7 @@ def _download(chunks: Any, record: dal.Row, extension: str, mimetype: str) -> An
     return response
 
 
-@pages.route("/forms/<public_id>/delete", methods=["GET", "POST"])
+@pages.route("/forms/<pid:public_id>/delete", methods=["GET", "POST"])
 @login_required
 def form_delete(public_id: str) -> Any:
     """Confirm, then delete a form and all its data."""
@@ -1046,7 +1056,7 @@ def _unavailable(exc: services.FormUnavailable, json_shape: bool = False) -> Any
     return response
 
 
-@public.post("/f/<public_id>", provide_automatic_options=False)
+@public.post("/f/<pid:public_id>", provide_automatic_options=False)
 def submit(public_id: str) -> Any:
     """The endpoint any website's form posts to."""
     try:
@@ -1063,7 +1073,7 @@ def submit(public_id: str) -> Any:
     return redirect(result.redirect_to, 303)
 
 
-@public.route("/f/<public_id>", methods=["OPTIONS"], provide_automatic_options=False)
+@public.route("/f/<pid:public_id>", methods=["OPTIONS"], provide_automatic_options=False)
 def submit_preflight(public_id: str) -> Any:
     """CORS preflight for fetch() from the form's allowed sites."""
     try:
@@ -1098,7 +1108,7 @@ def _cors(response: Any) -> Any:
     return response
 
 
-@public.get("/f/<public_id>", provide_automatic_options=False)
+@public.get("/f/<pid:public_id>", provide_automatic_options=False)
 def hosted_page(public_id: str) -> Any:
     """The form page Mailslot hosts for owners without a website."""
     try:
@@ -1117,7 +1127,7 @@ def _render_hosted(record: Any, form: Any) -> str:
     )
 
 
-@public.post("/f/<public_id>/page")
+@public.post("/f/<pid:public_id>/page")
 def hosted_submit(public_id: str) -> Any:
     """The hosted page's own submit, errors shown beside each field.
 
@@ -1157,7 +1167,7 @@ def _session_csrf_valid() -> bool:
     return True
 
 
-@public.get("/f/<public_id>/thanks")
+@public.get("/f/<pid:public_id>/thanks")
 def thanks(public_id: str) -> Any:
     """Where a submitter lands when the owner set no redirect."""
     try:

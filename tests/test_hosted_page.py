@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from flask.testing import FlaskClient
 
 from conftest import AuthActions, post_form
@@ -51,3 +52,14 @@ def test_settings_texts_are_limited(client: FlaskClient, auth: AuthActions) -> N
     )
     assert response.status_code == 422
     assert "Use at most 2000 characters." in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize(
+    "path",
+    ["/f/a%00b", "/f/a%00b/thanks", "/f/%F0%9F%98%80", "/forms/a%00b", "/forms/a%00b/settings"],
+)
+def test_malformed_ids_are_404_not_500(client: FlaskClient, auth: AuthActions, path: str) -> None:
+    auth.signup()
+    assert client.get(path).status_code == 404
+    assert client.post(path, data={"x": "1"}).status_code in (404, 405)

@@ -149,7 +149,8 @@ def get_routes(app: Flask, values: dict[str, str]) -> list[str]:
             continue
         missing = set(rule.arguments) - set(values)
         assert not missing, f"teach the crawl the parameters {missing} of {rule.rule}"
-        paths.append(rule.rule.replace("<", "{").replace(">", "}").format(**values))
+        template = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        paths.append(template.format(**values))
     return sorted(set(paths))
 
 
