@@ -17,7 +17,6 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import fakeredis
 import redis
 import sqlalchemy as sa
 import structlog
@@ -134,6 +133,8 @@ submissions = sa.Table(
     sa.Column("search_text", sa.Text, nullable=False, default=""),
     sa.Column("created_at", UTCDateTime, nullable=False, default=utcnow),
     sa.Index("ix_submissions_form_id", "form_id", "id"),
+    # Covers the inbox chart's last-30-days count (and retention's cutoff) without reading rows.
+    sa.Index("ix_submissions_form_created", "form_id", "created_at", "is_spam"),
 )
 
 deliveries = sa.Table(
@@ -216,6 +217,8 @@ def make_engine(url: str) -> Engine:
 def make_redis(settings: Settings) -> tuple[redis.Redis, bool]:
     """A Redis client with short timeouts, or an in-process server when REDIS_URL is empty."""
     if not settings.redis_url:
+        import fakeredis  # embedded mode only: connected processes start without importing it
+
         return fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True), True
     client = redis.Redis.from_url(
         settings.redis_url,
@@ -1113,28 +1116,6 @@ def owned_submission(conn: Connection, owner_id: int, public_id: str) -> Row | N
         .join(forms, forms.c.id == submissions.c.form_id)
         .where(submissions.c.public_id == public_id, forms.c.owner_id == owner_id)
     ).one_or_none()
-
-
-def hit_api_limit(token_id: int, count: int, seconds: int) -> int | None:
-    """Count one API call in the token's fixed window; seconds to wait when over, else None.
-
-    Fails open: when Redis is unreachable the call is allowed (and the trouble logged).
-    """
-    st = stores()
-    now = time.time()
-    window = int(now // seconds)
-    key = f"{st.key_prefix}v1:api:{token_id}:{window}"
-    try:
-        pipe = st.redis.pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.expire(key, seconds + 1)
-        hits = int(pipe.execute()[0])
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("api-rate-limit", exc)
-        return None
-    if hits <= count:
-        return None
-    return max(1, int((window + 1) * seconds - now + 0.999))
 
 
 # =================================================================================================

@@ -466,7 +466,7 @@ class PublicIdConverter(BaseConverter):
 
 def app_settings() -> Settings:
     """The running app's settings."""
-    return current_app.extensions["mailslot.settings"]
+    return services.settings()
 
 
 # =================================================================================================

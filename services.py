@@ -687,8 +687,7 @@ def _queue_deliveries(conn: Any, form: Any, submission: dal.Row, *, held: bool) 
 
 def dispatch_deliveries(delivery_ids: list[int]) -> None:
     """Hand committed outbox rows to the workers; rows that fail to enqueue wait for the sweeper."""
-    for delivery_id in delivery_ids:
-        tasks.enqueue(tasks.deliver, delivery_id)
+    tasks.enqueue_each(tasks.deliver, delivery_ids)
 
 
 # =================================================================================================
@@ -1025,7 +1024,8 @@ def api_token_owner(token: str) -> dal.Row | None:
 def api_rate_limit(token_id: int) -> int | None:
     """Count one call for this token; seconds to wait when it is over API_RATE_LIMIT, else None."""
     count, seconds = settings().api_rate_limit_window
-    return dal.hit_api_limit(token_id, count, seconds)
+    result = dal.hit_limits([dal.Limit(f"api:{token_id}", count, seconds)])
+    return result.retry_after if result.exceeded is not None else None
 
 
 def _clean_form_value(key: str, value: Any, errors: dict[str, list[str]]) -> Any:
