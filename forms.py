@@ -53,6 +53,17 @@ def _min_password_length() -> int:
     return current_app.extensions["mailslot.settings"].password_min_length
 
 
+def _email_field(label: str, missing: str, *, check_format: bool = True) -> EmailField:
+    """An email input: trimmed, required, at most 254 characters, optionally well-formed."""
+    validators: list[Any] = [
+        DataRequired(missing),
+        Length(max=EMAIL_MAX_LENGTH, message="Use an address of at most 254 characters."),
+    ]
+    if check_format:
+        validators.append(Email("Enter a valid email address, like you@example.com."))
+    return EmailField(label, filters=[_strip], validators=validators)
+
+
 class ActionForm(FlaskForm):
     """A form with nothing but its CSRF token, for POST buttons (log out, resend, delete)."""
 
@@ -60,15 +71,7 @@ class ActionForm(FlaskForm):
 class SignupForm(FlaskForm):
     """Sign-up: an address we can mail, and a password typed twice."""
 
-    email = EmailField(
-        "Email",
-        filters=[_strip],
-        validators=[
-            DataRequired("Enter your email address."),
-            Length(max=EMAIL_MAX_LENGTH, message="Use an address of at most 254 characters."),
-            Email("Enter a valid email address, like you@example.com."),
-        ],
-    )
+    email = _email_field("Email", "Enter your email address.")
     password = PasswordField(
         "Password", validators=[DataRequired("Choose a password.")], description=""
     )
@@ -92,14 +95,7 @@ class SignupForm(FlaskForm):
 class LoginForm(FlaskForm):
     """Log in with email and password."""
 
-    email = EmailField(
-        "Email",
-        filters=[_strip],
-        validators=[
-            DataRequired("Enter your email address."),
-            Length(max=EMAIL_MAX_LENGTH, message="Use an address of at most 254 characters."),
-        ],
-    )
+    email = _email_field("Email", "Enter your email address.", check_format=False)
     password = PasswordField(
         "Password",
         validators=[
@@ -1130,12 +1126,4 @@ class ApiTokenForm(FlaskForm):
 class EraseForm(FlaskForm):
     """Find (then delete) everything an owner holds about one email address."""
 
-    email = EmailField(
-        "Email address",
-        filters=[_strip],
-        validators=[
-            DataRequired("Enter the email address to look for."),
-            Length(max=EMAIL_MAX_LENGTH, message="Use an address of at most 254 characters."),
-            Email("Enter a valid email address, like you@example.com."),
-        ],
-    )
+    email = _email_field("Email address", "Enter the email address to look for.")
