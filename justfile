@@ -29,6 +29,10 @@ redis:
     @echo "Redis on 127.0.0.1:{{redis_port}} — export REDIS_URL=redis://127.0.0.1:{{redis_port}}/0"
     redis-server --port {{redis_port}} --bind 127.0.0.1 --save "" --appendonly no
 
+# Benchmark connected mode (waitress, worker, private Redis, SQLite or DATABASE_URL, wrk); not a test.
+bench *args: sync
+    uv run --locked python bench/bench.py {{args}}
+
 # Check style: ruff lint and format.
 lint: sync
     uv run --locked ruff check .

@@ -7,6 +7,7 @@ in the web process.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -149,9 +150,12 @@ def enqueue_each(task: Any, items: list[Any]) -> bool:
         return all([enqueue(task, item) for item in items])
     bound = celery_app.tasks[task.name]
     try:
-        with celery_app.producer_or_acquire() as producer, producer.batch():
-            for item in items:
-                bound.apply_async(args=(item,), retry=False, producer=producer)
+        with celery_app.producer_or_acquire() as producer:
+            # kombu >= 5.7 sends a batch as one pipeline; an older kombu publishes one by one.
+            batch = producer.batch() if hasattr(producer, "batch") else contextlib.nullcontext()
+            with batch:
+                for item in items:
+                    bound.apply_async(args=(item,), retry=False, producer=producer)
     except Exception as exc:  # noqa: BLE001 - a down broker must not fail the request
         error = f"{type(exc).__name__}: {exc}"[:300]
         log.warning("enqueue.failed", task=task.name, count=len(items), error=error)
