@@ -179,6 +179,8 @@ class Stores:
     redis: redis.Redis
     key_prefix: str
     embedded_redis: bool
+    # The stand-in for Redis's rate-limit counters while Redis is unreachable (per app).
+    local_windows: _LocalWindows = field(default_factory=lambda: _LocalWindows())
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -731,7 +733,6 @@ class _LocalWindows:
             return self.counts.get(key, 0)
 
 
-_local = _LocalWindows()
 
 
 def _window(limit: Limit, now: float) -> tuple[int, float]:
@@ -810,13 +811,14 @@ def hit_limits(
 
 
 def _hit_local(limits: list[Limit], now: float, count: bool) -> LimitResult:
-    """The same decision from the in-process windows."""
+    """The same decision from this app's in-process windows."""
+    local = stores().local_windows
     counts = []
     for limit in limits:
         number, _ = _window(limit, now)
         key = f"{limit.name}:{number}"
-        current = _local.incr(key) if count else _local.get(key)
-        counts.append((current, _local.get(f"{limit.name}:{number - 1}")))
+        current = local.incr(key) if count else local.get(key)
+        counts.append((current, local.get(f"{limit.name}:{number - 1}")))
     return _decide(limits, counts, now, pending=0 if count else 1)
 
 
