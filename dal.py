@@ -733,8 +733,6 @@ class _LocalWindows:
             return self.counts.get(key, 0)
 
 
-
-
 def _window(limit: Limit, now: float) -> tuple[int, float]:
     """The current fixed window's number and how far into it we are (0..1)."""
     number = int(now // limit.seconds)
