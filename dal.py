@@ -739,11 +739,6 @@ def _window(limit: Limit, now: float) -> tuple[int, float]:
     return number, (now - number * limit.seconds) / limit.seconds
 
 
-def _estimate(limit: Limit, current: int, previous: int, elapsed: float) -> float:
-    """Sliding-window estimate of hits in the last ``seconds``."""
-    return current + previous * (1 - elapsed)
-
-
 def _decide(
     limits: list[Limit], counts: list[tuple[int, int]], now: float, pending: int = 0
 ) -> LimitResult:
@@ -752,7 +747,8 @@ def _decide(
     for limit, (current, previous) in zip(limits, counts, strict=True):
         _, elapsed = _window(limit, now)
         result.counters[limit.name] = current
-        if _estimate(limit, current, previous, elapsed) + pending > limit.count:
+        # Sliding-window estimate: this window's hits plus the unexpired share of the last one's.
+        if current + previous * (1 - elapsed) + pending > limit.count:
             wait = int(limit.seconds * (1 - elapsed)) + 1
             if result.exceeded is None or wait > result.retry_after:
                 result.exceeded, result.retry_after = limit, wait
