@@ -358,6 +358,8 @@ def test_install_snippets_work_from_a_static_site_and_land_in_the_inbox(
     # The owner copies the HTML snippet with the copy button (it appears only with JavaScript).
     copy = page.locator("button[data-copy='snippet-html']")
     copy.click()
+    # The label changes when the clipboard promise resolves: wait for it rather than race it.
+    copy.locator("text=Copied").wait_for(timeout=5000)
     assert copy.inner_text() == "Copied"
     html_snippet = page.evaluate("navigator.clipboard.readText()")
     assert html_snippet == page.locator("#snippet-html").text_content()
