@@ -458,9 +458,8 @@ _OWNER_OF_FORM = (
     .join(forms, forms.c.owner_id == users.c.id)
     .where(forms.c.id == sa.bindparam("form_id"))
 )
-_INSERT_SUBMISSION = sa.insert(submissions)
-_SUBMISSION_BY_ID = sa.select(submissions).where(submissions.c.id == sa.bindparam("submission_id"))
-_INSERT_DELIVERY = sa.insert(deliveries)
+_INSERT_SUBMISSION = sa.insert(submissions).returning(*submissions.c)
+_INSERT_DELIVERIES = sa.insert(deliveries).returning(deliveries.c.id, sort_by_parameter_order=True)
 
 
 def owner_of_form(conn: Connection, form_id: int) -> Row | None:
@@ -482,17 +481,18 @@ def search_text(data: dict[str, Any]) -> str:
 def insert_submission(conn: Connection, values: dict[str, Any]) -> Row:
     """Store one submission (its search text is derived from its data)."""
     values = {"search_text": search_text(values["data"]), **values, "created_at": utcnow()}
-    sub_id = conn.execute(_INSERT_SUBMISSION, values).inserted_primary_key[0]
-    return conn.execute(_SUBMISSION_BY_ID, {"submission_id": sub_id}).one()
+    return conn.execute(_INSERT_SUBMISSION, values).one()
 
 
-def insert_delivery(
-    conn: Connection, submission_id: int, kind: str, target: str, status: str = "pending"
-) -> int:
-    """Queue one delivery in the outbox (same transaction as its submission); spam is held."""
+def insert_deliveries(
+    conn: Connection, submission_id: int, targets: list[tuple[str, str]], status: str = "pending"
+) -> list[int]:
+    """Queue (kind, target) deliveries in the outbox, in the submission's transaction; one
+    statement for all of them. Spam's are ``held``. Their ids, in the order given."""
+    if not targets:
+        return []
     now = utcnow()
-    return conn.execute(
-        _INSERT_DELIVERY,
+    rows = [
         {
             "submission_id": submission_id,
             "kind": kind,
@@ -501,8 +501,10 @@ def insert_delivery(
             "attempts": 0,
             "next_attempt_at": now,
             "updated_at": now,
-        },
-    ).inserted_primary_key[0]
+        }
+        for kind, target in targets
+    ]
+    return list(conn.execute(_INSERT_DELIVERIES, rows).scalars())
 
 
 def _like_pattern(text: str) -> str:

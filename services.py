@@ -679,10 +679,10 @@ def _queue_deliveries(conn: Any, form: Any, submission: dal.Row, *, held: bool) 
     if form.notify:
         owner = dal.owner_of_form(conn, form.id)
         if owner is not None and owner.email_confirmed_at is not None:
-            ids.append(dal.insert_delivery(conn, submission.id, "email", owner.email, status))
+            targets.append(("email", owner.email))
     if form.webhook_url:
-        ids.append(dal.insert_delivery(conn, submission.id, "webhook", form.webhook_url, status))
-    return ids
+        targets.append(("webhook", form.webhook_url))
+    return dal.insert_deliveries(conn, submission.id, targets, "held" if held else "pending")
 
 
 def dispatch_deliveries(delivery_ids: list[int]) -> None:

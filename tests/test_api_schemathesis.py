@@ -83,7 +83,7 @@ def seed(app: Flask, user_id: int, webhook_url: str) -> None:
                     },
                 )
                 for kind, target in (("email", "fuzz@example.com"), ("webhook", webhook_url)):
-                    delivery_id = dal.insert_delivery(conn, submission.id, kind, target)
+                    [delivery_id] = dal.insert_deliveries(conn, submission.id, [(kind, target)])
                     dal.finish_delivery(conn, delivery_id, "done")
 
 

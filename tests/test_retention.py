@@ -51,7 +51,7 @@ def add(app: Flask, form: dal.Row, data: dict[str, Any], age_days: float = 0, **
             .where(dal.submissions.c.id == row.id)
             .values(created_at=dal.utcnow() - dt.timedelta(days=age_days))
         )
-        dal.insert_delivery(conn, row.id, "email", "o@example.com")
+        dal.insert_deliveries(conn, row.id, [("email", "o@example.com")])
         return row.id
 
 
