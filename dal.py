@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -181,6 +181,10 @@ class Stores:
     embedded_redis: bool
     # The stand-in for Redis's rate-limit counters while Redis is unreachable (per app).
     local_windows: _LocalWindows = field(default_factory=lambda: _LocalWindows())
+    # SQLite allows one writer at a time and makes the others poll with growing sleeps (up to
+    # 100 ms each) while they wait: under load some threads lose every race and wait for seconds.
+    # This process's writers queue on a lock instead; other processes still meet busy_timeout.
+    write_lock: threading.RLock | None = None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -235,11 +239,13 @@ def make_redis(settings: Settings) -> tuple[redis.Redis, bool]:
 def init_app(app: Flask, settings: Settings) -> None:
     """Attach the stores to the app; no connection is opened here."""
     client, embedded = make_redis(settings)
+    engine = make_engine(settings.database_url_or_default)
     app.extensions["mailslot.stores"] = Stores(
-        engine=make_engine(settings.database_url_or_default),
+        engine=engine,
         redis=client,
         key_prefix=settings.redis_key_prefix,
         embedded_redis=embedded,
+        write_lock=threading.RLock() if engine.dialect.name == "sqlite" else None,
     )
 
 
@@ -251,7 +257,8 @@ def stores() -> Stores:
 @contextmanager
 def transaction() -> Iterator[Connection]:
     """One database transaction: committed on success, rolled back on any error."""
-    with stores().engine.begin() as conn:
+    current = stores()
+    with current.write_lock or nullcontext(), current.engine.begin() as conn:
         yield conn
 
 

@@ -106,3 +106,49 @@ def test_sqlite_connections_get_durable_pragmas(app: Flask) -> None:
 def test_describe_url_hides_passwords() -> None:
     assert dal.describe_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
     assert dal.describe_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_sqlite_writers_in_one_process_take_turns_on_a_lock(app: Flask) -> None:
+    # SQLite's busy handler makes waiting writers sleep up to 100 ms per try; the process's
+    # own writers queue on a lock instead, so none of them loses every race.
+    import threading
+
+    with app.app_context():
+        lock = dal.stores().write_lock
+        assert lock is not None
+        outside: list[bool] = []
+        with dal.transaction():
+            probe = threading.Thread(target=lambda: outside.append(lock.acquire(blocking=False)))
+            probe.start()
+            probe.join()
+        assert outside == [False]  # another thread may not write while this one does
+        assert lock.acquire(blocking=False)  # and may once it committed
+        lock.release()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_postgresql_writers_are_not_serialized_in_the_process(app: Flask) -> None:
+    with app.app_context():
+        assert dal.stores().write_lock is None
+
+
+def test_insert_deliveries_returns_ids_in_the_order_given(app: Flask) -> None:
+    with app.app_context(), dal.transaction() as conn:
+        owner = dal.insert_user(conn, "o@example.com", "hash")
+        form = dal.insert_form(conn, owner.id, "f-order", {"name": "F"})
+        sub = dal.insert_submission(
+            conn,
+            {"public_id": "s-order", "form_id": form.id, "data": {"a": "b"}, "schema_version": 1},
+        )
+        targets = [("webhook", "https://a.example/"), ("email", "o@example.com")]
+        ids = dal.insert_deliveries(conn, sub.id, targets, "held")
+        assert dal.insert_deliveries(conn, sub.id, []) == []
+        rows = conn.execute(sa.select(dal.deliveries).order_by(dal.deliveries.c.id)).all()
+    assert [(r.id, r.kind, r.target, r.status) for r in rows] == [
+        (ids[0], "webhook", "https://a.example/", "held"),
+        (ids[1], "email", "o@example.com", "held"),
+    ]
+    assert sub.public_id == "s-order"
+    assert sub.data == {"a": "b"}
+    assert sub.created_at.tzinfo is not None  # RETURNING gives the row as a SELECT would
