@@ -303,12 +303,12 @@ def sweep(*, inline: bool, limit: int = 500) -> int:
         ids = dal.due_delivery_ids(
             conn, limit, push_back_seconds=0 if inline else settings.delivery_lease_seconds
         )
-        if not inline:
-            for delivery_id in ids:
-                enqueue(deliver, delivery_id)
+    # Published after the commit: SQLite's write lock is not held while the broker is slow.
     if inline:
         for delivery_id in ids:
             deliver.run(delivery_id)
+    elif ids:
+        enqueue_each(deliver, ids)
     if ids:
         log.info("outbox.swept", count=len(ids), inline=inline)
     return len(ids)
