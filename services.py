@@ -687,7 +687,7 @@ def _queue_deliveries(conn: Any, form: Any, submission: dal.Row, *, held: bool) 
 
 def dispatch_deliveries(delivery_ids: list[int]) -> None:
     """Hand committed outbox rows to the workers; rows that fail to enqueue wait for the sweeper."""
-    tasks.enqueue_each(tasks.deliver, delivery_ids)
+    tasks.enqueue_soon(tasks.deliver, delivery_ids)
 
 
 # =================================================================================================

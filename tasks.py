@@ -11,10 +11,13 @@ import contextlib
 import datetime as dt
 import http.client
 import json
+import os
+import queue
 import random
 import smtplib
 import socket
 import ssl
+import threading
 import time
 import uuid
 from email.message import EmailMessage
@@ -97,6 +100,7 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
     celery_app.config_from_object(celery_config(settings))
     celery_app.set_default()
     app.extensions["celery"] = celery_app
+    app.extensions["mailslot.publisher"] = Publisher(celery_app)
     return celery_app
 
 
@@ -142,25 +146,121 @@ def enqueue_each(task: Any, items: list[Any]) -> bool:
     """Publish one task per item, pipelined into one Redis round trip; never raises.
 
     Like ``enqueue``: no retries, and a broker failure is logged and answered with False (the
-    outbox rows wait for the sweeper). One producer and one pipeline for the lot instead of one
-    per message: the submission path's biggest cost is publishing.
+    outbox rows wait for the sweeper).
     """
     celery_app = current_app.extensions["celery"]
     if len(items) < 2 or celery_app.conf.task_always_eager:
         return all([enqueue(task, item) for item in items])
-    bound = celery_app.tasks[task.name]
+    return _publish_batch(celery_app, [(task.name, (item,)) for item in items])
+
+
+def enqueue_soon(task: Any, items: list[Any]) -> None:
+    """Queue one ``task`` per item through this app's publisher thread and return at once.
+
+    For outbox rows that are already committed. The request does not wait for the broker, and
+    rows whose task never goes out (the process stops first, the broker is down) wait for the
+    sweeper, as they would after a failed ``enqueue``. In eager mode the tasks run right here.
+    """
+    celery_app = current_app.extensions["celery"]
+    if celery_app.conf.task_always_eager:
+        enqueue_each(task, items)
+    else:
+        current_app.extensions["mailslot.publisher"].submit(task.name, items)
+
+
+def _publish_batch(celery_app: Celery, messages: list[tuple[str, tuple[Any, ...]]]) -> bool:
+    """Publish (task name, arguments) pairs with one producer, as one Redis pipeline."""
     try:
         with celery_app.producer_or_acquire() as producer:
             # kombu >= 5.7 sends a batch as one pipeline; an older kombu publishes one by one.
             batch = producer.batch() if hasattr(producer, "batch") else contextlib.nullcontext()
             with batch:
-                for item in items:
-                    bound.apply_async(args=(item,), retry=False, producer=producer)
-    except Exception as exc:  # noqa: BLE001 - a down broker must not fail the request
+                for name, args in messages:
+                    celery_app.tasks[name].apply_async(args=args, retry=False, producer=producer)
+    except Exception as exc:  # noqa: BLE001 - a down broker must not fail the caller
         error = f"{type(exc).__name__}: {exc}"[:300]
-        log.warning("enqueue.failed", task=task.name, count=len(items), error=error)
+        log.warning("enqueue.failed", count=len(messages), error=error)
         return False
     return True
+
+
+class Publisher:
+    """Hands tasks to the workers from one background thread of the web process.
+
+    Publishing a Celery message costs the web process more CPU than storing the submission
+    does. Here the request answers as soon as its transaction commits, and what every request
+    queued meanwhile leaves as one ``fan_out`` message per task name: a worker publishes the
+    individual tasks (one per delivery), so that work is not done by the process people wait
+    on. The thread starts on first use (never at import or in the factory) and ends after
+    ``idle_seconds`` without work; a forked child starts its own.
+    """
+
+    def __init__(
+        self,
+        celery_app: Celery,
+        *,
+        max_batch: int = 500,
+        linger_seconds: float = 0.05,
+        idle_seconds: float = 10,
+    ):
+        self.celery_app = celery_app
+        self.max_batch = max_batch
+        self.linger_seconds = linger_seconds
+        self.idle_seconds = idle_seconds
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._unsent = 0
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def submit(self, task_name: str, items: list[Any]) -> None:
+        """Queue one task per item; never blocks on the broker."""
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's thread and queue are not ours
+                self._queue, self._unsent, self._thread = queue.SimpleQueue(), 0, None
+                self._pid = os.getpid()
+            self._unsent += len(items)
+            for item in items:
+                self._queue.put((task_name, item))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="mailslot-publisher", daemon=True
+                )
+                self._thread.start()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued was published or given up on; False on timeout."""
+        with self._drained:
+            return self._drained.wait_for(lambda: self._unsent == 0, timeout)
+
+    def _run(self) -> None:
+        """Publish whatever is queued, in batches, until idle."""
+        while True:
+            try:
+                first = self._queue.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
+            # Linger a moment so that a busy minute's requests share messages.
+            batch, until = [first], time.monotonic() + self.linger_seconds
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get(timeout=max(until - time.monotonic(), 0)))
+                except queue.Empty:
+                    break
+            by_task: dict[str, list[Any]] = {}
+            for name, item in batch:
+                by_task.setdefault(name, []).append(item)
+            _publish_batch(
+                self.celery_app, [(fan_out.name, (name, items)) for name, items in by_task.items()]
+            )
+            with self._drained:
+                self._unsent -= len(batch)
+                self._drained.notify_all()
 
 
 # =================================================================================================
@@ -172,6 +272,20 @@ def enqueue_each(task: Any, items: list[Any]) -> bool:
 def ping() -> str:
     """Answer 'pong': proves a round trip through the broker, a worker and the result backend."""
     return "pong"
+
+
+# What fan_out may publish: the tasks the web process hands over through its publisher.
+_FAN_OUT_TASKS = frozenset({"tasks.deliver"})
+
+
+@shared_task
+def fan_out(task_name: str, items: list[Any]) -> int:
+    """Publish one ``task_name`` task per item (the web process's publisher sends these)."""
+    if task_name not in _FAN_OUT_TASKS:
+        log.warning("fan_out.refused", task=task_name)
+        return 0
+    enqueue_each(current_app.extensions["celery"].tasks[task_name], items)
+    return len(items)
 
 
 @shared_task(autoretry_for=(OSError, smtplib.SMTPException), retry_backoff=30, max_retries=5)

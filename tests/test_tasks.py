@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
 
+import dal
 import microapp
 import tasks
 from conftest import PASSWORD, SMTPSink, message_text, read_outbox
@@ -129,3 +133,75 @@ def test_headers_cannot_be_injected_through_subject_or_reply_to(app: Flask) -> N
     assert message["Bcc"] is None
     assert "\n" not in message["Subject"]
     assert "\n" not in message["Reply-To"]
+
+
+# --- the web process's publisher ----------------------------------------------------------------
+
+
+@pytest.fixture
+def broker_app(overrides: dict[str, Any], redis_url: str) -> Iterator[Flask]:
+    """Connected mode on the real Redis, with a queue of its own (emptied afterwards)."""
+    queue = f"mailslot-test-{uuid.uuid4().hex[:8]}"
+    app = microapp.create_app(**overrides, redis_url=redis_url, celery_queue=queue)
+    yield app
+    with app.app_context():
+        dal.stores().redis.delete(queue)
+
+
+def queued(app: Flask) -> list[tuple[str, list[Any]]]:
+    """(task name, positional arguments) of each message on the app's queue, oldest first."""
+    with app.app_context():
+        raw = dal.stores().redis.lrange(app.extensions["mailslot.settings"].celery_queue, 0, -1)
+    messages = [json.loads(item) for item in reversed(raw)]
+    return [(m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages]
+
+
+@pytest.mark.services
+def test_publisher_sends_what_requests_queued_as_one_fan_out_message(broker_app: Flask) -> None:
+    with broker_app.app_context():
+        tasks.enqueue_soon(tasks.deliver, [1, 2])
+        tasks.enqueue_soon(tasks.deliver, [3])
+        assert broker_app.extensions["mailslot.publisher"].flush()
+    assert queued(broker_app) == [("tasks.fan_out", ["tasks.deliver", [1, 2, 3]])]
+
+
+@pytest.mark.services
+def test_fan_out_publishes_one_deliver_task_per_delivery(broker_app: Flask) -> None:
+    with broker_app.app_context():
+        assert tasks.fan_out("tasks.deliver", [4, 5]) == 2
+    assert queued(broker_app) == [("tasks.deliver", [4]), ("tasks.deliver", [5])]
+
+
+@pytest.mark.services
+def test_fan_out_refuses_tasks_it_does_not_carry(broker_app: Flask) -> None:
+    with broker_app.app_context():
+        assert tasks.fan_out("tasks.purge_retention", [1]) == 0
+    assert queued(broker_app) == []
+
+
+@pytest.mark.services
+def test_publisher_thread_ends_when_idle_and_starts_again(broker_app: Flask) -> None:
+    publisher = tasks.Publisher(broker_app.extensions["celery"], idle_seconds=0.05)
+    publisher.submit("tasks.deliver", [1])
+    assert publisher.flush()
+    first = publisher._thread
+    assert first is not None
+    first.join(timeout=10)
+    assert not first.is_alive()
+    publisher.submit("tasks.deliver", [2])
+    assert publisher.flush()
+    assert [args for _, args in queued(broker_app)] == [
+        ["tasks.deliver", [1]],
+        ["tasks.deliver", [2]],
+    ]
+
+
+def test_publisher_gives_up_quietly_when_the_broker_is_down(overrides: dict[str, Any]) -> None:
+    from conftest import free_port
+
+    app = microapp.create_app(**overrides, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with app.app_context():
+        tasks.enqueue_soon(tasks.deliver, [7])
+    started = time.monotonic()
+    assert app.extensions["mailslot.publisher"].flush(timeout=30)  # never hangs on the broker
+    assert time.monotonic() - started < 30
