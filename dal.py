@@ -647,43 +647,59 @@ def _cached_form(row: Row) -> CachedForm:
     return CachedForm(**{name: getattr(row, name) for name in _CACHED_FORM_COLUMNS})
 
 
-def public_form(public_id: str) -> tuple[CachedForm | None, str | None]:
-    """A form by public id through the cache: (form or None, cache fill to write or None).
-
-    On a miss the caller writes the returned fill (``fill_form_cache``, or inside its own
-    pipeline) so that the submission path keeps to two Redis round trips.
-    """
-    st = stores()
+def public_form(public_id: str) -> CachedForm | None:
+    """A form by public id through the cache (a miss reads SQL and fills the cache)."""
     try:
-        raw = st.redis.get(_key("form", public_id))
+        raw = stores().redis.get(_key("form", public_id))
     except (redis.RedisError, OSError) as exc:
         redis_trouble("form-cache", exc)
-        raw, cache_ok = None, False
-    else:
-        cache_ok = True
+        return _form_from_sql(public_id)
+    return _form_from_cache_or_sql(public_id, raw)
+
+
+def _form_from_cache_or_sql(public_id: str, raw: str | None) -> CachedForm | None:
+    """A cache reply decoded; on a miss the form from SQL, written to the cache (a found form
+    for FORM_CACHE_TTL, an unknown id for NEGATIVE_CACHE_TTL)."""
     if raw is not None:
         data = json.loads(raw)
-        return (CachedForm(**data) if data else None), None
-    with connection() as conn:
-        row = form_by_public_id(conn, public_id)
-    form = _cached_form(row) if row is not None else None
-    if not cache_ok:
-        return form, None
-    return form, _json_dumps(vars(form) if form is not None else None)
-
-
-def fill_form_cache(public_id: str, fill: str | None, pipe: Any = None) -> None:
-    """Write a cache fill from ``public_form`` (in ``pipe`` when given)."""
-    if fill is None:
-        return
-    ttl = NEGATIVE_CACHE_TTL if fill == "null" else FORM_CACHE_TTL
-    if pipe is not None:
-        pipe.set(_key("form", public_id), fill, ex=ttl)
-        return
+        return CachedForm(**data) if data else None
+    form = _form_from_sql(public_id)
+    ttl = FORM_CACHE_TTL if form is not None else NEGATIVE_CACHE_TTL
+    fill = _json_dumps(vars(form) if form is not None else None)
     try:
         stores().redis.set(_key("form", public_id), fill, ex=ttl)
     except (redis.RedisError, OSError) as exc:
         redis_trouble("form-cache", exc)
+    return form
+
+
+def _form_from_sql(public_id: str) -> CachedForm | None:
+    """The cacheable view of a form, read from SQL."""
+    with connection() as conn:
+        row = form_by_public_id(conn, public_id)
+    return _cached_form(row) if row is not None else None
+
+
+def intake_lookup(
+    public_id: str, limits: list[Limit], counters: tuple[tuple[str, int], ...] = ()
+) -> tuple[CachedForm | None, LimitResult]:
+    """The submission path's Redis work: the cached form, the limits and the counters together.
+
+    One round trip with a warm cache; a miss reads SQL and writes the fill in a second one.
+    Hits are counted before the form is known, so posts to unknown or paused forms count too.
+    Redis unreachable: the form from SQL and the in-process limiter.
+    """
+    now = time.time()
+    try:
+        pipe = stores().redis.pipeline(transaction=False)
+        pipe.get(_key("form", public_id))
+        _queue_hits(pipe, limits, counters, now, count=True)
+        replies = pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("rate-limits", exc)
+        return _form_from_sql(public_id), _hit_local(limits, now, count=True)
+    form = _form_from_cache_or_sql(public_id, replies[0])
+    return form, _read_hits(replies[1:], limits, counters, now, count=True)
 
 
 def invalidate_form(public_id: str) -> None:
@@ -768,38 +784,58 @@ def hit_limits(
     limits: list[Limit],
     *,
     extra_counters: tuple[tuple[str, int], ...] = (),
-    cache_fill: tuple[str, str | None] | None = None,
     count: bool = True,
 ) -> LimitResult:
     """Count one hit against every limit (sliding windows) in ONE Redis round trip.
 
     ``extra_counters`` (name, seconds) are counted in the same trip and reported in
-    ``counters`` (used for velocity). ``cache_fill`` is written in the same trip too. With
-    ``count=False`` the limits are only read (login checks before counting a failure).
+    ``counters`` (used for velocity). With ``count=False`` the limits are only read (login
+    checks before counting a failure).
     """
     now = time.time()
-    st = stores()
     try:
-        pipe = st.redis.pipeline(transaction=False)
-        for limit in limits:
-            number, _ = _window(limit, now)
-            key = _key("rl", limit.name, number)
-            if count:
-                pipe.incr(key)
-                pipe.expire(key, limit.seconds * 2)
-            else:
-                pipe.get(key)
-            pipe.get(_key("rl", limit.name, number - 1))
-        for name, seconds in extra_counters:
-            key = _key("ct", name, int(now // seconds))
-            pipe.incr(key)
-            pipe.expire(key, seconds * 2)
-        if cache_fill is not None:
-            fill_form_cache(cache_fill[0], cache_fill[1], pipe)
+        pipe = stores().redis.pipeline(transaction=False)
+        _queue_hits(pipe, limits, extra_counters, now, count=count)
         replies = pipe.execute()
     except (redis.RedisError, OSError) as exc:
         redis_trouble("rate-limits", exc)
         return _hit_local(limits, now, count)
+    return _read_hits(replies, limits, extra_counters, now, count=count)
+
+
+def _queue_hits(
+    pipe: Any,
+    limits: list[Limit],
+    counters: tuple[tuple[str, int], ...],
+    now: float,
+    *,
+    count: bool,
+) -> None:
+    """Add the commands that count (or read) the limits' windows and the counters to ``pipe``."""
+    for limit in limits:
+        number, _ = _window(limit, now)
+        key = _key("rl", limit.name, number)
+        if count:
+            pipe.incr(key)
+            pipe.expire(key, limit.seconds * 2)
+        else:
+            pipe.get(key)
+        pipe.get(_key("rl", limit.name, number - 1))
+    for name, seconds in counters:
+        key = _key("ct", name, int(now // seconds))
+        pipe.incr(key)
+        pipe.expire(key, seconds * 2)
+
+
+def _read_hits(
+    replies: list[Any],
+    limits: list[Limit],
+    counters: tuple[tuple[str, int], ...],
+    now: float,
+    *,
+    count: bool,
+) -> LimitResult:
+    """The decision from the replies to ``_queue_hits``'s commands."""
     counts = []
     step = 3 if count else 2
     for i, _limit in enumerate(limits):
@@ -808,7 +844,7 @@ def hit_limits(
         counts.append((current, previous))
     result = _decide(limits, counts, now, pending=0 if count else 1)
     base = len(limits) * step
-    for j, (name, _) in enumerate(extra_counters):
+    for j, (name, _) in enumerate(counters):
         result.counters[name] = int(replies[base + j * 2])
     return result
 

@@ -468,9 +468,7 @@ class IntakeResult:
 
 def public_form(public_id: str) -> dal.CachedForm:
     """A form by public id for the public side, through the Redis cache."""
-    form, fill = dal.public_form(public_id)
-    dal.fill_form_cache(public_id, fill)
-    return _available(form)
+    return _available(dal.public_form(public_id))
 
 
 def _available(form: dal.CachedForm | None) -> dal.CachedForm:
@@ -560,23 +558,20 @@ def _control_value(values: dict[str, Any], name: str) -> str | None:
 def record_submission(req: IntakeRequest) -> IntakeResult:
     """Intake: find the form, check it accepts this post, trap bots, validate, store, enqueue.
 
-    Redis is used twice before the database write: the cached form lookup, then one pipeline
-    with the rate limits, the velocity counter and (on a miss) the cache fill.
+    Before the database write Redis is used once with a warm cache (the cached form, the rate
+    limits and the velocity counter in one pipeline) and twice on a miss (the cache fill).
     """
-    form, fill = dal.public_form(req.public_id)
+    ip_hash = hash_ip(req.client_ip)
+    form, limits = dal.intake_lookup(
+        req.public_id,
+        submission_limits(req.public_id, ip_hash),
+        ((f"velocity:{ip_hash}", VELOCITY_WINDOW),) if ip_hash else (),
+    )
     form = _available(form)
     if form.status != "active":
-        dal.fill_form_cache(req.public_id, fill)
         raise FormUnavailable(403, "This form is paused and is not accepting submissions.")
     if not req.hosted and not origin_allowed(form, req.origin, req.referrer):
-        dal.fill_form_cache(req.public_id, fill)
         raise FormUnavailable(403, "This form does not accept submissions from this website.")
-    ip_hash = hash_ip(req.client_ip)
-    limits = dal.hit_limits(
-        submission_limits(form.public_id, ip_hash),
-        extra_counters=((f"velocity:{ip_hash}", VELOCITY_WINDOW),) if ip_hash else (),
-        cache_fill=(req.public_id, fill),
-    )
     if limits.exceeded is not None:
         log.info("submission.rate_limited", form=form.public_id, limit=limits.exceeded.name)
         raise FormUnavailable(
@@ -674,8 +669,7 @@ def _queue_deliveries(conn: Any, form: Any, submission: dal.Row, *, held: bool) 
 
     Spam gets its rows too, ``held``: marking it "not spam" releases them.
     """
-    status = "held" if held else "pending"
-    ids = []
+    targets = []
     if form.notify:
         owner = dal.owner_of_form(conn, form.id)
         if owner is not None and owner.email_confirmed_at is not None:
