@@ -334,6 +334,7 @@ def configure_logging(settings: Settings) -> None:
     structlog.contextvars.clear_contextvars()
     structlog.configure(
         processors=[
+            structlog.stdlib.filter_by_level,  # below LOG_LEVEL: dropped before any work
             *_SHARED_PROCESSORS,
             structlog.processors.StackInfoRenderer(),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
