@@ -271,7 +271,7 @@ def mark_spam(submission: dal.Row, is_spam: bool) -> None:
     with dal.transaction() as conn:
         dal.set_spam(conn, submission.id, is_spam, reason)
         released = [] if is_spam else dal.release_spam_deliveries(conn, submission.id)
-    dal.drop_cached(f"stats:{submission.form_id}")
+    _form_numbers_changed(submission.form_id)
     log.info("submission.marked", submission=submission.public_id, spam=is_spam)
     dispatch_deliveries(released)
 
@@ -939,10 +939,26 @@ def resolve_webhook_target(url: str, allow_private: bool) -> tuple[Any, list[str
     return parts, addresses
 
 
-def submissions_per_day(form: dal.Row, days: int = 30) -> list[dal.DayCount]:
-    """The inbox chart's data: non-spam submissions per UTC day, oldest first, today last."""
-    with dal.connection() as conn:
-        return dal.daily_counts(conn, form.id, days)
+CHART_DAYS = 30
+
+
+def submissions_per_day(form: dal.Row) -> list[dal.DayCount]:
+    """The inbox chart's data: non-spam submissions per UTC day for CHART_DAYS days, oldest
+    first, today last; from the cache like the stats block (a minute old at most)."""
+
+    def compute() -> list[tuple[str, int]]:
+        with dal.connection() as conn:
+            counts = dal.daily_counts(conn, form.id, CHART_DAYS)
+        return [(item.day.isoformat(), item.count) for item in counts]
+
+    cached = dal.cached_json(f"chart:{form.id}", dal.STATS_TTL, compute)
+    return [dal.DayCount(dt.date.fromisoformat(day), count) for day, count in cached]
+
+
+def _form_numbers_changed(form_id: int) -> None:
+    """Forget a form's cached stats block and chart (after changes the next minute must show)."""
+    dal.drop_cached(f"stats:{form_id}")
+    dal.drop_cached(f"chart:{form_id}")
 
 
 # =================================================================================================
@@ -1193,7 +1209,7 @@ def purge_expired(now: dt.datetime | None = None) -> int:
             total += deleted
             if deleted < PURGE_BATCH:
                 break
-        dal.drop_cached(f"stats:{form.id}")
+        _form_numbers_changed(form.id)
     if total:
         log.info("retention.purged", submissions=total)
     return total

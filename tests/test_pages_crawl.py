@@ -327,6 +327,25 @@ def test_inbox_chart_counts_submissions_per_day_for_30_days(
     assert facts_ok(chart)
 
 
+def test_inbox_chart_is_cached_until_the_owner_marks_spam(
+    app: Flask, client: FlaskClient, auth: AuthActions
+) -> None:
+    auth.signup()
+    public_id = create_form(client, "Contact")
+    with app.app_context():
+        form = services.public_form(public_id)
+        now = dal.utcnow()
+        _insert(form, now, spam=False)
+        assert services.submissions_per_day(form)[-1].count == 1
+        _insert(form, now, spam=False)
+        _insert(form, now, spam=False)
+        assert services.submissions_per_day(form)[-1].count == 1  # a minute old at most
+        with dal.connection() as conn:
+            newest = dal.submission_page(conn, form.id, before=None, limit=1, query="", spam=False)
+        services.mark_spam(newest[0], True)
+        assert services.submissions_per_day(form)[-1].count == 2
+
+
 def _insert(form: Any, when: dt.datetime, spam: bool) -> None:
     """One stored submission received at ``when``."""
     with mock.patch.object(dal, "utcnow", return_value=when), dal.transaction() as conn:
