@@ -245,7 +245,7 @@ class Publisher:
                         self._thread = None
                         return
                 continue
-            # Linger a moment so that a busy minute's requests share messages.
+            # Linger a moment: requests that arrive together share one message.
             batch, until = [first], time.monotonic() + self.linger_seconds
             while len(batch) < self.max_batch:
                 try:
@@ -280,12 +280,15 @@ _FAN_OUT_TASKS = frozenset({"tasks.deliver"})
 
 @shared_task
 def fan_out(task_name: str, items: list[Any]) -> int:
-    """Publish one ``task_name`` task per item (the web process's publisher sends these)."""
+    """Publish one ``task_name`` task per item (the web process's publisher sends these).
+
+    The number published; 0 when the broker failed (the outbox rows wait for the sweeper).
+    """
     if task_name not in _FAN_OUT_TASKS:
         log.warning("fan_out.refused", task=task_name)
         return 0
-    enqueue_each(current_app.extensions["celery"].tasks[task_name], items)
-    return len(items)
+    published = enqueue_each(current_app.extensions["celery"].tasks[task_name], items)
+    return len(items) if published else 0
 
 
 @shared_task(autoretry_for=(OSError, smtplib.SMTPException), retry_backoff=30, max_retries=5)
