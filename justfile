@@ -7,9 +7,10 @@ redis_port := env_var_or_default("MAILSLOT_REDIS_PORT", "6390")
 default:
     @just --list
 
-# Create or update .venv from uv.lock (all extras: PostgreSQL support included).
+# Create or update .venv from uv.lock (all extras: PostgreSQL support included), compiled to
+# bytecode once: where PYTHONDONTWRITEBYTECODE is set, every process would compile from source.
 sync:
-    uv sync --locked --all-extras --quiet
+    uv sync --locked --all-extras --quiet --compile-bytecode
 
 # Serve on http://127.0.0.1:8000 (embedded mode unless REDIS_URL / DATABASE_URL are set).
 run: sync
