@@ -280,6 +280,7 @@ def delete_submission(submission: dal.Row) -> None:
     """Remove one submission."""
     with dal.transaction() as conn:
         dal.delete_submission(conn, submission.id)
+    _form_numbers_changed(submission.form_id)
     log.info("submission.deleted", submission=submission.public_id)
 
 
@@ -944,21 +945,34 @@ CHART_DAYS = 30
 
 def submissions_per_day(form: dal.Row) -> list[dal.DayCount]:
     """The inbox chart's data: non-spam submissions per UTC day for CHART_DAYS days, oldest
-    first, today last; from the cache like the stats block (a minute old at most)."""
+    first, today last.
 
-    def compute() -> list[tuple[str, int]]:
+    The days before today come from the cache: they change only when the owner marks spam or
+    deletes, or retention purges, and each of those forgets them. Today's count is read live
+    (an index range of one day), so a new submission shows at once, as it does in the list.
+    """
+    today = dal.utcnow().date()
+
+    def past_days() -> list[tuple[str, int]]:
         with dal.connection() as conn:
             counts = dal.daily_counts(conn, form.id, CHART_DAYS)
-        return [(item.day.isoformat(), item.count) for item in counts]
+        return [(item.day.isoformat(), item.count) for item in counts[:-1]]
 
-    cached = dal.cached_json(f"chart:{form.id}", dal.STATS_TTL, compute)
-    return [dal.DayCount(dt.date.fromisoformat(day), count) for day, count in cached]
+    past = dal.cached_json(_chart_key(form.id, today), dal.STATS_TTL, past_days)
+    with dal.connection() as conn:
+        live = dal.daily_counts(conn, form.id, 1)
+    return [dal.DayCount(dt.date.fromisoformat(day), count) for day, count in past] + live
+
+
+def _chart_key(form_id: int, today: dt.date) -> str:
+    """The cache key of a form's chart before ``today`` (a new key each UTC day)."""
+    return f"chart:{form_id}:{today.isoformat()}"
 
 
 def _form_numbers_changed(form_id: int) -> None:
     """Forget a form's cached stats block and chart (after changes the next minute must show)."""
     dal.drop_cached(f"stats:{form_id}")
-    dal.drop_cached(f"chart:{form_id}")
+    dal.drop_cached(_chart_key(form_id, dal.utcnow().date()))
 
 
 # =================================================================================================
@@ -1243,6 +1257,8 @@ def erase_person(owner_id: int, email: str) -> int:
     ids = submissions_about(owner_id, email)
     with dal.transaction() as conn:
         deleted = dal.delete_submissions(conn, ids)
+    for form in list_forms(owner_id) if deleted else []:
+        _form_numbers_changed(form.id)
     log.info("erasure.done", owner=owner_id, submissions=deleted)
     return deleted
 

@@ -327,7 +327,7 @@ def test_inbox_chart_counts_submissions_per_day_for_30_days(
     assert facts_ok(chart)
 
 
-def test_inbox_chart_is_cached_until_the_owner_marks_spam(
+def test_inbox_chart_caches_past_days_and_counts_today_live(
     app: Flask, client: FlaskClient, auth: AuthActions
 ) -> None:
     auth.signup()
@@ -335,15 +335,22 @@ def test_inbox_chart_is_cached_until_the_owner_marks_spam(
     with app.app_context():
         form = services.public_form(public_id)
         now = dal.utcnow()
+        before = now - dt.timedelta(days=2)
+        _insert(form, before, spam=False)
+        assert services.submissions_per_day(form)[-3].count == 1
+        _insert(form, before, spam=False)
+        _insert(form, before, spam=False)
         _insert(form, now, spam=False)
-        assert services.submissions_per_day(form)[-1].count == 1
-        _insert(form, now, spam=False)
-        _insert(form, now, spam=False)
-        assert services.submissions_per_day(form)[-1].count == 1  # a minute old at most
+        per_day = services.submissions_per_day(form)
+        assert per_day[-3].count == 1  # past days: from the cache (a minute old at most)
+        assert per_day[-1].count == 1  # today: live, as in the list below the chart
         with dal.connection() as conn:
-            newest = dal.submission_page(conn, form.id, before=None, limit=1, query="", spam=False)
-        services.mark_spam(newest[0], True)
-        assert services.submissions_per_day(form)[-1].count == 2
+            rows = dal.submission_page(conn, form.id, before=None, limit=10, query="", spam=False)
+        old = [row for row in rows if row.created_at < now - dt.timedelta(days=1)]
+        services.mark_spam(old[0], True)  # the owner's verdict forgets the cached days
+        assert services.submissions_per_day(form)[-3].count == 2
+        services.delete_submission(old[1])  # and so does a delete
+        assert services.submissions_per_day(form)[-3].count == 1
 
 
 def _insert(form: Any, when: dt.datetime, spam: bool) -> None:
