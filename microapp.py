@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import logging.config
 import os
 import re
 import secrets
