@@ -908,19 +908,13 @@ def drop_cached(name: str) -> None:
         redis_trouble("cache", exc)
 
 
-def form_stats(conn: Connection, form_id: int, now: dt.datetime) -> dict[str, int]:
-    """Submissions today and in 7 days (not spam), and spam caught, for one form."""
-    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    week = now - dt.timedelta(days=7)
-    ham = sa.and_(submissions.c.form_id == form_id, submissions.c.is_spam.is_(False))
-    row = conn.execute(
-        sa.select(
-            sa.func.count().filter(ham, submissions.c.created_at >= midnight),
-            sa.func.count().filter(ham, submissions.c.created_at >= week),
-            sa.func.count().filter(submissions.c.is_spam.is_(True)),
-        ).where(submissions.c.form_id == form_id)
-    ).one()
-    return {"today": row[0], "week": row[1], "spam": row[2]}
+def spam_count(conn: Connection, form_id: int) -> int:
+    """How many of a form's stored submissions are spam."""
+    return conn.execute(
+        sa.select(sa.func.count()).where(
+            submissions.c.form_id == form_id, submissions.c.is_spam.is_(True)
+        )
+    ).scalar_one()
 
 
 # =================================================================================================

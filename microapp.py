@@ -865,6 +865,7 @@ def form_inbox(public_id: str) -> str:
     if before is not None and not 0 < before < 2**31:
         before = None  # not a cursor we hand out: start from the newest
     rows, next_before = services.inbox_page(record, before=before, query=query, spam=spam)
+    stats, per_day = services.inbox_numbers(record)
     return render_template(
         "form_inbox.html",
         record=record,
@@ -874,8 +875,8 @@ def form_inbox(public_id: str) -> str:
         spam=spam,
         before=before,
         snippets=services.install_snippets(record),
-        stats=services.form_stats(record),
-        per_day=services.submissions_per_day(record),
+        stats=stats,
+        per_day=per_day,
     )
 
 

@@ -803,16 +803,26 @@ def spam_reasons(
     return reasons
 
 
-def form_stats(form: Any) -> dict[str, int]:
-    """Today / 7 days / spam caught / honeypot hits, from the cache (a minute old at most)."""
+def inbox_numbers(form: Any) -> tuple[dict[str, int], list[dal.DayCount]]:
+    """The inbox's stats block and its chart, consistent with each other and with the list.
 
-    def compute() -> dict[str, int]:
+    Today and the last 7 days (today and the six UTC days before it) come from the chart, whose
+    today is live; spam caught is cached for a minute (and forgotten when the owner marks
+    spam); honeypot hits are a Redis counter.
+    """
+    per_day = submissions_per_day(form)
+
+    def spam() -> int:
         with dal.connection() as conn:
-            return dal.form_stats(conn, form.id, dal.utcnow())
+            return dal.spam_count(conn, form.id)
 
-    stats = dict(dal.cached_json(f"stats:{form.id}", dal.STATS_TTL, compute))
-    stats["honeypot"] = dal.read_counter(f"form:{form.id}:honeypot")
-    return stats
+    stats = {
+        "today": per_day[-1].count,
+        "week": sum(day.count for day in per_day[-7:]),
+        "spam": dal.cached_json(f"stats:{form.id}", dal.STATS_TTL, spam),
+        "honeypot": dal.read_counter(f"form:{form.id}:honeypot"),
+    }
+    return stats, per_day
 
 
 # =================================================================================================

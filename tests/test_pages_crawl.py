@@ -353,6 +353,25 @@ def test_inbox_chart_caches_past_days_and_counts_today_live(
         assert services.submissions_per_day(form)[-3].count == 1
 
 
+def test_stats_block_agrees_with_the_chart_and_shows_new_submissions_at_once(
+    app: Flask, client: FlaskClient, auth: AuthActions
+) -> None:
+    auth.signup()
+    public_id = create_form(client, "Contact")
+    with app.app_context():
+        form = services.public_form(public_id)
+        now = dal.utcnow()
+        for days_ago in (0, 6, 7):  # "last 7 days" is today and the six days before it
+            _insert(form, now - dt.timedelta(days=days_ago), spam=False)
+        _insert(form, now, spam=True)
+        stats, per_day = services.inbox_numbers(form)
+        assert stats == {"today": 1, "week": 2, "spam": 1, "honeypot": 0}
+        assert per_day[-1].count == stats["today"]
+        _insert(form, now, spam=False)
+        stats, _ = services.inbox_numbers(form)
+        assert (stats["today"], stats["week"]) == (2, 3)  # not a minute later
+
+
 def _insert(form: Any, when: dt.datetime, spam: bool) -> None:
     """One stored submission received at ``when``."""
     with mock.patch.object(dal, "utcnow", return_value=when), dal.transaction() as conn:
