@@ -922,21 +922,27 @@ def spam_count(conn: Connection, form_id: int) -> int:
 # =================================================================================================
 
 
-def claim_delivery(conn: Connection, delivery_id: int, lease_seconds: int) -> Row | None:
+def claim_delivery(
+    conn: Connection, delivery_id: int, lease_seconds: int, expect_attempts: int | None = None
+) -> Row | None:
     """Take a delivery for sending: pending, or sending with an expired lease. None = no-op.
 
-    One conditional UPDATE, so two workers holding the same message cannot both win.
+    One conditional UPDATE, so two workers holding the same message cannot both win. With
+    ``expect_attempts`` the row must still have that many attempts (the message is not stale).
     """
     now = utcnow()
+    conditions = [
+        deliveries.c.id == delivery_id,
+        sa.or_(
+            deliveries.c.status == "pending",
+            sa.and_(deliveries.c.status == "sending", deliveries.c.next_attempt_at < now),
+        ),
+    ]
+    if expect_attempts is not None:
+        conditions.append(deliveries.c.attempts == expect_attempts)
     result = conn.execute(
         sa.update(deliveries)
-        .where(
-            deliveries.c.id == delivery_id,
-            sa.or_(
-                deliveries.c.status == "pending",
-                sa.and_(deliveries.c.status == "sending", deliveries.c.next_attempt_at < now),
-            ),
-        )
+        .where(*conditions)
         .values(
             status="sending",
             attempts=deliveries.c.attempts + 1,
@@ -996,8 +1002,9 @@ def delivery_context(conn: Connection, delivery_id: int) -> Row | None:
     return conn.execute(query).one_or_none()
 
 
-def due_delivery_ids(conn: Connection, limit: int, push_back_seconds: int) -> list[int]:
-    """Rows to (re-)enqueue: pending and due, or stuck in sending past their lease.
+def due_deliveries(conn: Connection, limit: int, push_back_seconds: int) -> list[tuple[int, int]]:
+    """(id, attempts) of rows to (re-)enqueue: pending and due, or stuck in sending past their
+    lease.
 
     Picked rows are pushed back ``push_back_seconds`` so the next sweep does not enqueue them
     again while their message waits in the queue. On PostgreSQL concurrent sweepers skip each
@@ -1005,7 +1012,7 @@ def due_delivery_ids(conn: Connection, limit: int, push_back_seconds: int) -> li
     """
     now = utcnow()
     query = (
-        sa.select(deliveries.c.id)
+        sa.select(deliveries.c.id, deliveries.c.attempts)
         .where(
             deliveries.c.status.in_(("pending", "sending")),
             deliveries.c.next_attempt_at <= now,
@@ -1015,14 +1022,14 @@ def due_delivery_ids(conn: Connection, limit: int, push_back_seconds: int) -> li
     )
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    ids = list(conn.execute(query).scalars())
-    if ids:
+    due = [(row.id, row.attempts) for row in conn.execute(query)]
+    if due:
         conn.execute(
             sa.update(deliveries)
-            .where(deliveries.c.id.in_(ids), deliveries.c.status == "pending")
+            .where(deliveries.c.id.in_([i for i, _ in due]), deliveries.c.status == "pending")
             .values(next_attempt_at=now + dt.timedelta(seconds=push_back_seconds))
         )
-    return ids
+    return due
 
 
 def requeue_delivery(conn: Connection, delivery_id: int) -> bool:

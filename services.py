@@ -273,7 +273,7 @@ def mark_spam(submission: dal.Row, is_spam: bool) -> None:
         released = [] if is_spam else dal.release_spam_deliveries(conn, submission.id)
     _form_numbers_changed(submission.form_id)
     log.info("submission.marked", submission=submission.public_id, spam=is_spam)
-    dispatch_deliveries(released)
+    dispatch_deliveries([(delivery_id, 0) for delivery_id in released])  # never attempted
 
 
 def delete_submission(submission: dal.Row) -> None:
@@ -655,7 +655,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
         "submission.stored", form=form.public_id, submission=submission.public_id, spam=is_spam
     )
     if not is_spam:
-        dispatch_deliveries(delivery_ids)
+        dispatch_deliveries([(delivery_id, 0) for delivery_id in delivery_ids])
     return IntakeResult(
         form,
         "stored",
@@ -680,9 +680,10 @@ def _queue_deliveries(conn: Any, form: Any, submission: dal.Row, *, held: bool) 
     return dal.insert_deliveries(conn, submission.id, targets, "held" if held else "pending")
 
 
-def dispatch_deliveries(delivery_ids: list[int]) -> None:
-    """Hand committed outbox rows to the workers; rows that fail to enqueue wait for the sweeper."""
-    tasks.enqueue_soon(tasks.deliver, delivery_ids)
+def dispatch_deliveries(tickets: list[tuple[int, int]]) -> None:
+    """Hand committed outbox rows, as (id, attempts so far), to the workers; rows that fail to
+    enqueue wait for the sweeper."""
+    tasks.enqueue_soon(tasks.deliver, tickets)
 
 
 # =================================================================================================
@@ -833,11 +834,13 @@ def inbox_numbers(form: Any) -> tuple[dict[str, int], list[dal.DayCount]]:
 def replay_delivery(submission: dal.Row, delivery_id: int) -> bool:
     """Send a done or dead delivery of this submission again; False if there is none to replay."""
     with dal.transaction() as conn:
-        owned = any(d.id == delivery_id for d in dal.deliveries_for(conn, submission.id))
-        replayed = owned and dal.requeue_delivery(conn, delivery_id)
+        row = next(
+            (d for d in dal.deliveries_for(conn, submission.id) if d.id == delivery_id), None
+        )
+        replayed = row is not None and dal.requeue_delivery(conn, delivery_id)
     if replayed:
         log.info("delivery.replayed", submission=submission.public_id, delivery_id=delivery_id)
-        dispatch_deliveries([delivery_id])
+        dispatch_deliveries([(delivery_id, row.attempts)])
     return replayed
 
 

@@ -142,20 +142,20 @@ def enqueue(task: Any, *args: Any) -> bool:
     return True
 
 
-def enqueue_each(task: Any, items: list[Any]) -> bool:
-    """Publish one task per item, pipelined into one Redis round trip; never raises.
+def enqueue_each(task: Any, calls: list[tuple[Any, ...]]) -> bool:
+    """Publish one task per argument tuple, pipelined into one Redis round trip; never raises.
 
     Like ``enqueue``: no retries, and a broker failure is logged and answered with False (the
     outbox rows wait for the sweeper).
     """
     celery_app = current_app.extensions["celery"]
-    if len(items) < 2 or celery_app.conf.task_always_eager:
-        return all([enqueue(task, item) for item in items])
-    return _publish_batch(celery_app, [(task.name, (item,)) for item in items])
+    if len(calls) < 2 or celery_app.conf.task_always_eager:
+        return all([enqueue(task, *args) for args in calls])
+    return _publish_batch(celery_app, [(task.name, tuple(args)) for args in calls])
 
 
-def enqueue_soon(task: Any, items: list[Any]) -> None:
-    """Queue one ``task`` per item through this app's publisher thread and return at once.
+def enqueue_soon(task: Any, calls: list[tuple[Any, ...]]) -> None:
+    """Queue one ``task`` per argument tuple through this app's publisher thread; return at once.
 
     For outbox rows that are already committed. The request does not wait for the broker, and
     rows whose task never goes out (the process stops first, the broker is down) wait for the
@@ -163,9 +163,9 @@ def enqueue_soon(task: Any, items: list[Any]) -> None:
     """
     celery_app = current_app.extensions["celery"]
     if celery_app.conf.task_always_eager:
-        enqueue_each(task, items)
+        enqueue_each(task, calls)
     else:
-        current_app.extensions["mailslot.publisher"].submit(task.name, items)
+        current_app.extensions["mailslot.publisher"].submit(task.name, calls)
 
 
 def _publish_batch(celery_app: Celery, messages: list[tuple[str, tuple[Any, ...]]]) -> bool:
@@ -214,8 +214,8 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
 
-    def submit(self, task_name: str, items: list[Any]) -> None:
-        """Queue one task per item; never blocks on the broker."""
+    def submit(self, task_name: str, items: list[tuple[Any, ...]]) -> None:
+        """Queue one task per argument tuple; never blocks on the broker."""
         with self._lock:
             if self._pid != os.getpid():  # forked: the parent's thread and queue are not ours
                 self._queue, self._unsent, self._thread = queue.SimpleQueue(), 0, None
@@ -279,16 +279,17 @@ _FAN_OUT_TASKS = frozenset({"tasks.deliver"})
 
 
 @shared_task
-def fan_out(task_name: str, items: list[Any]) -> int:
-    """Publish one ``task_name`` task per item (the web process's publisher sends these).
+def fan_out(task_name: str, calls: list[list[Any]]) -> int:
+    """Publish one ``task_name`` task per argument list (the web process's publisher sends these).
 
     The number published; 0 when the broker failed (the outbox rows wait for the sweeper).
     """
     if task_name not in _FAN_OUT_TASKS:
         log.warning("fan_out.refused", task=task_name)
         return 0
-    published = enqueue_each(current_app.extensions["celery"].tasks[task_name], items)
-    return len(items) if published else 0
+    task = current_app.extensions["celery"].tasks[task_name]
+    published = enqueue_each(task, [tuple(args) for args in calls])
+    return len(calls) if published else 0
 
 
 @shared_task(autoretry_for=(OSError, smtplib.SMTPException), retry_backoff=30, max_retries=5)
@@ -308,12 +309,20 @@ def send_confirmation_email(user_id: int, link: str) -> None:
 
 
 @shared_task
-def deliver(delivery_id: int) -> str:
-    """Send one outbox row (email or webhook). Safe to run twice: only one run claims the row."""
+def deliver(delivery_id: int, attempts: int | None = None) -> str:
+    """Send one outbox row (email or webhook). Safe to run twice: only one run claims the row.
+
+    ``attempts`` is how many attempts the row had when this message was published: a message
+    left over from an earlier attempt (the sweeper may publish a row whose message is still
+    queued) finds nothing to claim, so a retry never goes out before its time. None (direct
+    calls, inline sweeps) claims whatever is claimable.
+    """
     structlog.contextvars.bind_contextvars(delivery_id=delivery_id)
     settings = services.settings()
     with dal.transaction() as conn:
-        claimed = dal.claim_delivery(conn, delivery_id, settings.delivery_lease_seconds)
+        claimed = dal.claim_delivery(
+            conn, delivery_id, settings.delivery_lease_seconds, expect_attempts=attempts
+        )
         context = dal.delivery_context(conn, delivery_id) if claimed else None
     if claimed is None or context is None:
         log.info("delivery.skipped", reason="not claimable")
@@ -417,18 +426,18 @@ def sweep(*, inline: bool, limit: int = 500) -> int:
     """Find due deliveries and enqueue them (or, with no worker, deliver them right here)."""
     settings = services.settings()
     with dal.transaction() as conn:
-        ids = dal.due_delivery_ids(
+        due = dal.due_deliveries(
             conn, limit, push_back_seconds=0 if inline else settings.delivery_lease_seconds
         )
     # Published after the commit: SQLite's write lock is not held while the broker is slow.
     if inline:
-        for delivery_id in ids:
+        for delivery_id, _attempts in due:
             deliver.run(delivery_id)
-    elif ids:
-        enqueue_each(deliver, ids)
-    if ids:
-        log.info("outbox.swept", count=len(ids), inline=inline)
-    return len(ids)
+    elif due:
+        enqueue_each(deliver, due)
+    if due:
+        log.info("outbox.swept", count=len(due), inline=inline)
+    return len(due)
 
 
 # =================================================================================================

@@ -205,6 +205,23 @@ def test_temporary_smtp_refusal_is_retried(outbox_app: Flask, smtp_sink: SMTPSin
     assert deliveries(outbox_app)[0].attempts == 2
 
 
+def test_a_message_left_from_an_earlier_attempt_sends_nothing(
+    outbox_app: Flask, smtp_sink: SMTPSink
+) -> None:
+    # The sweeper may publish a row whose first message is still queued; after that message's
+    # attempt failed, the second must not bring the retry forward (or ignore a Retry-After).
+    smtp_sink.refuse_rcpt = "451 4.3.0 try later"
+    form = make_form(outbox_app)
+    submit(outbox_app, form, {"message": "x"})
+    row_id = deliveries(outbox_app)[0].id
+    assert run(outbox_app, tasks.deliver, row_id, 0) == "retry"
+    smtp_sink.refuse_rcpt = None
+    assert run(outbox_app, tasks.deliver, row_id, 0) == "skipped"  # stale: written for attempt 1
+    assert smtp_sink.messages == []
+    assert run(outbox_app, tasks.deliver, row_id, 1) == "done"  # the sweeper's, for attempt 2
+    assert deliveries(outbox_app)[0].attempts == 2
+
+
 def test_smtp_connection_refused_is_retried_then_dead_after_the_last_attempt(
     outbox_app: Flask, smtp_sink: SMTPSink
 ) -> None:
@@ -436,10 +453,10 @@ def test_sweeper_picks_due_and_stale_rows_and_nothing_else(outbox_app: Flask) ->
                 .values(status=status, next_attempt_at=when)
             )
     with outbox_app.app_context(), dal.transaction() as conn:
-        picked = dal.due_delivery_ids(conn, 100, push_back_seconds=300)
-    assert sorted(picked) == [ids[0], ids[2]]
+        picked = dal.due_deliveries(conn, 100, push_back_seconds=300)
+    assert sorted(picked) == [(ids[0], 0), (ids[2], 0)]
     with outbox_app.app_context(), dal.transaction() as conn:
-        assert dal.due_delivery_ids(conn, 100, push_back_seconds=300) == [ids[2]]
+        assert dal.due_deliveries(conn, 100, push_back_seconds=300) == [(ids[2], 0)]
 
 
 def test_deliver_pending_command_delivers_with_no_worker(

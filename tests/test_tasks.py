@@ -159,40 +159,40 @@ def queued(app: Flask) -> list[tuple[str, list[Any]]]:
 @pytest.mark.services
 def test_publisher_sends_what_requests_queued_as_one_fan_out_message(broker_app: Flask) -> None:
     with broker_app.app_context():
-        tasks.enqueue_soon(tasks.deliver, [1, 2])
-        tasks.enqueue_soon(tasks.deliver, [3])
+        tasks.enqueue_soon(tasks.deliver, [(1, 0), (2, 0)])
+        tasks.enqueue_soon(tasks.deliver, [(3, 1)])
         assert broker_app.extensions["mailslot.publisher"].flush()
-    assert queued(broker_app) == [("tasks.fan_out", ["tasks.deliver", [1, 2, 3]])]
+    assert queued(broker_app) == [("tasks.fan_out", ["tasks.deliver", [[1, 0], [2, 0], [3, 1]]])]
 
 
 @pytest.mark.services
 def test_fan_out_publishes_one_deliver_task_per_delivery(broker_app: Flask) -> None:
     with broker_app.app_context():
-        assert tasks.fan_out("tasks.deliver", [4, 5]) == 2
-    assert queued(broker_app) == [("tasks.deliver", [4]), ("tasks.deliver", [5])]
+        assert tasks.fan_out("tasks.deliver", [[4, 0], [5, 2]]) == 2
+    assert queued(broker_app) == [("tasks.deliver", [4, 0]), ("tasks.deliver", [5, 2])]
 
 
 @pytest.mark.services
 def test_fan_out_refuses_tasks_it_does_not_carry(broker_app: Flask) -> None:
     with broker_app.app_context():
-        assert tasks.fan_out("tasks.purge_retention", [1]) == 0
+        assert tasks.fan_out("tasks.purge_retention", [[]]) == 0
     assert queued(broker_app) == []
 
 
 @pytest.mark.services
 def test_publisher_thread_ends_when_idle_and_starts_again(broker_app: Flask) -> None:
     publisher = tasks.Publisher(broker_app.extensions["celery"], idle_seconds=0.05)
-    publisher.submit("tasks.deliver", [1])
+    publisher.submit("tasks.deliver", [(1, 0)])
     assert publisher.flush()
     first = publisher._thread
     assert first is not None
     first.join(timeout=10)
     assert not first.is_alive()
-    publisher.submit("tasks.deliver", [2])
+    publisher.submit("tasks.deliver", [(2, 0)])
     assert publisher.flush()
     assert [args for _, args in queued(broker_app)] == [
-        ["tasks.deliver", [1]],
-        ["tasks.deliver", [2]],
+        ["tasks.deliver", [[1, 0]]],
+        ["tasks.deliver", [[2, 0]]],
     ]
 
 
@@ -201,7 +201,7 @@ def test_publisher_gives_up_quietly_when_the_broker_is_down(overrides: dict[str,
 
     app = microapp.create_app(**overrides, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with app.app_context():
-        tasks.enqueue_soon(tasks.deliver, [7])
+        tasks.enqueue_soon(tasks.deliver, [(7, 0)])
     started = time.monotonic()
     assert app.extensions["mailslot.publisher"].flush(timeout=30)  # never hangs on the broker
     assert time.monotonic() - started < 30
