@@ -808,8 +808,8 @@ def inbox_numbers(form: Any) -> tuple[dict[str, int], list[dal.DayCount]]:
     """The inbox's stats block and its chart, consistent with each other and with the list.
 
     Today and the last 7 days (today and the six UTC days before it) come from the chart, whose
-    today is live; spam caught is cached for a minute (and forgotten when the owner marks
-    spam); honeypot hits are a Redis counter.
+    today is live; spam caught is cached for a minute (and forgotten when the owner marks spam
+    or deletes); honeypot hits are a Redis counter.
     """
     per_day = submissions_per_day(form)
 
@@ -983,7 +983,7 @@ def _chart_key(form_id: int, today: dt.date) -> str:
 
 
 def _form_numbers_changed(form_id: int) -> None:
-    """Forget a form's cached stats block and chart (after changes the next minute must show)."""
+    """Forget a form's cached spam count and chart days (the owner's change must show at once)."""
     dal.drop_cached(f"stats:{form_id}")
     dal.drop_cached(_chart_key(form_id, dal.utcnow().date()))
 
