@@ -299,13 +299,20 @@ def test_inbox_times_are_relative_with_the_exact_time_on_hover(
     assert match.group(3) == "just now"
 
 
-def test_inbox_chart_counts_submissions_per_day_for_30_days(
-    app: Flask, client: FlaskClient, auth: AuthActions
-) -> None:
+@pytest.fixture
+def contact_form(app: Flask, client: FlaskClient, auth: AuthActions) -> Any:
+    """A signed-up owner's (logged-in ``client``) form "Contact", as the public side sees it."""
     auth.signup()
     public_id = create_form(client, "Contact")
     with app.app_context():
-        form = services.public_form(public_id)
+        return services.public_form(public_id)
+
+
+def test_inbox_chart_counts_submissions_per_day_for_30_days(
+    app: Flask, client: FlaskClient, contact_form: Any
+) -> None:
+    form = contact_form
+    with app.app_context():
         today = dal.utcnow().replace(hour=0, minute=30, second=0, microsecond=0)
         stamps = {0: 2, 1: 1, 29: 3, 30: 4}  # days ago -> count; 30 days ago is outside
         for days_ago, count in stamps.items():
@@ -318,7 +325,7 @@ def test_inbox_chart_counts_submissions_per_day_for_30_days(
     assert per_day[0].day == today.date() - dt.timedelta(days=29)
     assert [d.count for d in per_day] == [3] + [0] * 27 + [1, 2]
 
-    page = client.get(f"/forms/{public_id}").get_data(as_text=True)
+    page = client.get(f"/forms/{form.public_id}").get_data(as_text=True)
     chart = page[page.index('<figure class="chart"') : page.index("</figure>")]
     assert "<strong>6</strong> in the last 30 days" in chart
     assert len(re.findall(r'<rect class="bar"', chart)) == 30
@@ -327,13 +334,9 @@ def test_inbox_chart_counts_submissions_per_day_for_30_days(
     assert facts_ok(chart)
 
 
-def test_inbox_chart_caches_past_days_and_counts_today_live(
-    app: Flask, client: FlaskClient, auth: AuthActions
-) -> None:
-    auth.signup()
-    public_id = create_form(client, "Contact")
+def test_inbox_chart_caches_past_days_and_counts_today_live(app: Flask, contact_form: Any) -> None:
+    form = contact_form
     with app.app_context():
-        form = services.public_form(public_id)
         now = dal.utcnow()
         before = now - dt.timedelta(days=2)
         _insert(form, before, spam=False)
@@ -354,12 +357,10 @@ def test_inbox_chart_caches_past_days_and_counts_today_live(
 
 
 def test_stats_block_agrees_with_the_chart_and_shows_new_submissions_at_once(
-    app: Flask, client: FlaskClient, auth: AuthActions
+    app: Flask, contact_form: Any
 ) -> None:
-    auth.signup()
-    public_id = create_form(client, "Contact")
+    form = contact_form
     with app.app_context():
-        form = services.public_form(public_id)
         now = dal.utcnow()
         for days_ago in (0, 6, 7):  # "last 7 days" is today and the six days before it
             _insert(form, now - dt.timedelta(days=days_ago), spam=False)
