@@ -74,6 +74,17 @@ end
 """
 
 
+def git_output(*args: str) -> str:
+    """What a git command prints about the project's checkout."""
+    return subprocess.run(  # noqa: S603 - git with the bench's own arguments
+        ["git", *args],  # noqa: S607
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.strip()
+
+
 def log(message: str) -> None:
     """Progress on stderr, so that stdout holds only the report."""
     sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {message}\n")
@@ -965,20 +976,8 @@ class Bench:
 
     def meta(self) -> dict[str, Any]:
         """Where and how this run happened."""
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607
-            cwd=PROJECT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],  # noqa: S607
-            cwd=PROJECT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        commit = git_output("rev-parse", "--short", "HEAD")
+        dirty = git_output("status", "--porcelain", "--untracked-files=no")
         cpu = next(
             (
                 line.split(":", 1)[1].strip()
