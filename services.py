@@ -866,12 +866,17 @@ def check_webhook_url(url: str) -> str | None:
 
 def set_webhook(form: dal.Row, url: str | None) -> None:
     """Set or remove the form's webhook; a first URL gets a fresh signing secret."""
+    with dal.form_write(form.public_id) as conn:
+        dal.update_form(conn, form.id, _webhook_values(form, url))
+    log.info("form.webhook_set", form=form.public_id, enabled=bool(url))
+
+
+def _webhook_values(form: dal.Row, url: str | None) -> dict[str, Any]:
+    """The columns that set or remove a webhook: a first URL comes with a signing secret."""
     values: dict[str, Any] = {"webhook_url": url or None}
     if url and not form.webhook_secret:
         values["webhook_secret"] = new_webhook_secret()
-    with dal.form_write(form.public_id) as conn:
-        dal.update_form(conn, form.id, values)
-    log.info("form.webhook_set", form=form.public_id, enabled=bool(url))
+    return values
 
 
 def rotate_webhook_secret(form: dal.Row) -> None:
@@ -1137,21 +1142,24 @@ def update_form_via_api(
 ) -> tuple[dal.Row, str | None]:
     """Apply an API PATCH; the fresh form and the signing secret when one was made or rotated.
 
-    Everything is checked before anything is written.
+    Everything is checked before anything is written, and written in one transaction: a
+    failure part-way leaves the form as it was.
     """
     clean = clean_form_input(values, form)
     webhook_url = clean.pop("webhook_url") if "webhook_url" in clean else form.webhook_url
     if rotate_secret and not webhook_url:
         raise Conflict("This form has no webhook. Set webhook_url to create one first.")
     fields = clean.pop("fields", None)
-    if clean:
-        update_form_settings(form, clean)
-    if fields is not None and fields != form.fields:
-        save_fields(form, fields)
     if webhook_url != form.webhook_url:
-        set_webhook(form, webhook_url)
+        clean |= _webhook_values(form, webhook_url)
     if rotate_secret:
-        rotate_webhook_secret(form)
+        clean["webhook_secret"] = new_webhook_secret()
+    with dal.form_write(form.public_id) as conn:
+        if clean:
+            dal.update_form(conn, form.id, clean)
+        if fields is not None and fields != form.fields:
+            dal.bump_schema_version(conn, form.id, fields)
+    log.info("form.updated", form=form.public_id, via="api", changed=sorted(clean))
     fresh = owned_form(form.owner_id, form.public_id)
     changed = fresh.webhook_secret != form.webhook_secret
     return fresh, (fresh.webhook_secret if changed else None)

@@ -20,6 +20,7 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from markupsafe import escape
+from sqlalchemy.exc import OperationalError
 
 import api
 import dal
@@ -458,6 +459,23 @@ def test_patch_form_changes_only_what_is_sent(client: FlaskClient, owner: Owner)
     assert call(client, owner, "PATCH", path, {}).get_json()["name"] == "Renamed"
     paused = call(client, owner, "PATCH", path, {"status": "paused"}).get_json()
     assert paused["status"] == "paused"
+
+
+def test_patch_form_that_fails_part_way_changes_nothing(
+    client: FlaskClient, owner: Owner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    form = create_form(client, owner, name="Before")
+    path = f"/api/v1/forms/{form['id']}"
+
+    def database_gone(*_args: Any) -> None:
+        raise OperationalError("UPDATE forms", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(dal, "bump_schema_version", database_gone)  # after the name was written
+    change = {"name": "After", "fields": [{"name": "age", "type": "number"}]}
+    error_of(call(client, owner, "PATCH", path, change), 503, "service_unavailable")
+    monkeypatch.undo()
+    unchanged = call(client, owner, "GET", path).get_json()
+    assert (unchanged["name"], unchanged["schema_version"]) == ("Before", 1)
 
 
 def test_patch_form_sets_and_removes_the_webhook(
