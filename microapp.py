@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -1295,6 +1296,13 @@ def _register_error_handlers(app: Flask) -> None:
 # =================================================================================================
 
 
+def _stop_serving(_signum: int, _frame: Any) -> None:
+    """SIGTERM (a platform's restart, systemd's stop) ends serving as Ctrl-C does: waitress
+    stops accepting and gives the requests it is running up to 5 s to finish, instead of the
+    process dying mid-request."""
+    raise SystemExit(0)
+
+
 def _start_embedded_sweeper(app: Flask, interval: int) -> threading.Thread:
     """With no worker to run beat, one background thread retries due deliveries."""
 
@@ -1368,5 +1376,11 @@ def _register_cli(app: Flask) -> None:
             )
         if settings.embedded:
             _start_embedded_sweeper(app, settings.sweep_interval)
+        signal.signal(signal.SIGTERM, _stop_serving)
         log.info("serve", url=f"http://{host}:{port}", mode=settings.mode)
-        waitress.serve(app, **options)
+        try:
+            waitress.serve(app, **options)
+        finally:
+            # Deliveries queued by the last requests go out now rather than at the next sweep.
+            flushed = app.extensions["mailslot.publisher"].flush(timeout=5)
+            log.info("serve.stopped", deliveries_handed_over=flushed)
