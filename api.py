@@ -103,6 +103,7 @@ def _api_conflict(exc: services.Conflict) -> Any:
 FIELD_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 HONEYPOT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
 PUBLIC_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+ONE_LINE = r"^[^\r\n]+$"  # a spam rule is one line, as on the settings page
 _PUBLIC_ID = re.compile(PUBLIC_ID_PATTERN)
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 FieldType = Literal[forms.FIELD_TYPES]  # type: ignore[valid-type]
@@ -153,6 +154,19 @@ class FieldSpecIn(ApiInput):
     help: Text | None = Field(None, max_length=1000, description="A hint under the field.")
 
 
+class SpamRules(ApiInput):
+    """The owner's own spam rules: a submission that matches one is stored as spam."""
+
+    blocked_words: list[Annotated[Text, Field(max_length=100, pattern=ONE_LINE)]] = Field(
+        default_factory=list, max_length=200, description="Words or phrases, case-insensitive."
+    )
+    blocked_email_domains: list[Annotated[Text, Field(max_length=260, pattern=ONE_LINE)]] = Field(
+        default_factory=list,
+        max_length=200,
+        description="Domains of the sender's email field (like spam.example).",
+    )
+
+
 class FormCreate(ApiInput):
     """A new form. Only ``name`` is required."""
 
@@ -175,6 +189,15 @@ class FormCreate(ApiInput):
     webhook_url: Text | None = Field(
         None, max_length=2000, description="Receives each submission as a signed POST."
     )
+    retention_days: int | None = Field(
+        None, ge=1, le=3650, description="Delete submissions older than this; null: keep them."
+    )
+    spam_rules: SpamRules = Field(default_factory=SpamRules)
+    description: Text = Field("", max_length=2000, description="Shown on the hosted page.")
+    thanks_message: Text = Field(
+        "", max_length=2000, description="Shown after a hosted-page submission."
+    )
+    show_branding: bool = Field(True, description="'Powered by Mailslot' on the hosted page.")
 
 
 class FormUpdate(ApiInput):
@@ -191,6 +214,11 @@ class FormUpdate(ApiInput):
     honeypot_field: str = Field(None, pattern=HONEYPOT_PATTERN)
     notify: bool = None  # type: ignore[assignment]
     webhook_url: Text | None = Field(None, max_length=2000)
+    retention_days: int | None = Field(None, ge=1, le=3650, description="null: keep them.")
+    spam_rules: SpamRules = Field(None, description="Replaces both lists.")
+    description: Text = Field(None, max_length=2000)
+    thanks_message: Text = Field(None, max_length=2000)
+    show_branding: bool = None  # type: ignore[assignment]
     rotate_webhook_secret: bool = Field(
         False, description="Make a new signing secret; the answer carries it, once."
     )
@@ -243,6 +271,11 @@ class FormOut(BaseModel):
     honeypot_field: str
     notify: bool
     webhook_url: str | None
+    retention_days: int | None
+    spam_rules: SpamRules
+    description: str
+    thanks_message: str
+    show_branding: bool
     endpoint_url: str = Field(description="Point an HTML form's action (POST) here.")
     hosted_url: str = Field(description="The form page Mailslot hosts (GET).")
     created_at: dt.datetime
@@ -583,6 +616,14 @@ def _form_values(form: Any) -> dict[str, Any]:
         "honeypot_field": form.honeypot_field,
         "notify": form.notify,
         "webhook_url": form.webhook_url,
+        "retention_days": form.retention_days,
+        "spam_rules": SpamRules(
+            blocked_words=(form.spam_rules or {}).get("words", []),
+            blocked_email_domains=(form.spam_rules or {}).get("email_domains", []),
+        ),
+        "description": form.description or "",
+        "thanks_message": form.thanks_message or "",
+        "show_branding": form.show_branding,
         "endpoint_url": url,
         "hosted_url": url,
         "created_at": form.created_at,

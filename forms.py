@@ -761,12 +761,19 @@ def settings_values(form: FormSettingsForm) -> dict[str, Any]:
         "description": form.description.data or "",
         "thanks_message": form.thanks_message.data or "",
         "show_branding": bool(form.show_branding.data),
-        "spam_rules": {
-            "words": _split_lines(form.blocked_words.data)[:200],
-            "email_domains": [
-                d.lower().lstrip("@") for d in _split_lines(form.blocked_email_domains.data)
-            ][:200],
-        },
+        "spam_rules": spam_rules(
+            _split_lines(form.blocked_words.data), _split_lines(form.blocked_email_domains.data)
+        ),
+    }
+
+
+def spam_rules(words: Sequence[str], email_domains: Sequence[str]) -> dict[str, list[str]]:
+    """An owner's spam rules as stored: trimmed, without blanks or repeats, 200 of each at most;
+    domains lower-cased and without a leading @."""
+    domains = (d.strip().lower().lstrip("@") for d in email_domains)
+    return {
+        "words": list(dict.fromkeys(w.strip() for w in words if w.strip()))[:200],
+        "email_domains": list(dict.fromkeys(d for d in domains if d))[:200],
     }
 
 

@@ -1103,6 +1103,12 @@ def _clean_form_value(key: str, value: Any, errors: dict[str, list[str]]) -> Any
     elif key == "fields":
         value, problems = forms.validate_field_specs(value)
         errors.update(problems)
+    elif key in ("description", "thanks_message"):
+        value = value.strip()
+    elif key == "spam_rules":
+        value = forms.spam_rules(
+            value.get("blocked_words", []), value.get("blocked_email_domains", [])
+        )
     return value
 
 

@@ -461,6 +461,61 @@ def test_patch_form_changes_only_what_is_sent(client: FlaskClient, owner: Owner)
     assert paused["status"] == "paused"
 
 
+def test_form_page_texts_retention_and_spam_rules_round_trip(
+    app: Flask, client: FlaskClient, owner: Owner
+) -> None:
+    form = create_form(
+        client,
+        owner,
+        description="  Ask us anything.  ",
+        thanks_message="We read every message.",
+        show_branding=False,
+        retention_days=30,
+    )
+    assert (form["description"], form["thanks_message"]) == (
+        "Ask us anything.",
+        "We read every message.",
+    )
+    assert (form["show_branding"], form["retention_days"]) == (False, 30)
+    assert form["spam_rules"] == {"blocked_words": [], "blocked_email_domains": []}
+    path = f"/api/v1/forms/{form['id']}"
+    rules = {"blocked_words": [" casino ", "casino", "free money"]}
+    body = call(client, owner, "PATCH", path, {"spam_rules": rules, "retention_days": None})
+    assert body.get_json()["spam_rules"] == {
+        "blocked_words": ["casino", "free money"],
+        "blocked_email_domains": [],
+    }
+    assert body.get_json()["retention_days"] is None
+    rules = {"blocked_email_domains": ["@Spam.Example"]}
+    body = call(client, owner, "PATCH", path, {"spam_rules": rules}).get_json()
+    assert body["spam_rules"] == {"blocked_words": [], "blocked_email_domains": ["spam.example"]}
+    visitor = app.test_client()
+    visitor.post(f"/f/{form['id']}", json={"email": "x@spam.example", "message": "hi"})
+    [stored] = call(client, owner, "GET", f"{path}/submissions").get_json()["data"]
+    assert stored["is_spam"] is True  # the rule set over the API applies to intake
+    page = visitor.get(f"/f/{form['id']}").get_data(as_text=True)
+    assert "Ask us anything." in page
+    assert "Powered by Mailslot" not in page
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"retention_days": 0}, "retention_days"),
+        ({"retention_days": 3651}, "retention_days"),
+        ({"spam_rules": {"blocked_words": ["two\nlines"]}}, "spam_rules.blocked_words.0"),
+        ({"description": "x" * 2001}, "description"),
+        ({"show_branding": "no"}, "show_branding"),
+    ],
+)
+def test_form_settings_refuse_bad_values(
+    client: FlaskClient, owner: Owner, change: dict[str, Any], field: str
+) -> None:
+    form = create_form(client, owner)
+    response = call(client, owner, "PATCH", f"/api/v1/forms/{form['id']}", change)
+    assert field in error_of(response, 422)
+
+
 def test_patch_form_that_fails_part_way_changes_nothing(
     client: FlaskClient, owner: Owner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
