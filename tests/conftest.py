@@ -221,8 +221,17 @@ def auth(client: FlaskClient, app: Flask) -> AuthActions:
 # =================================================================================================
 
 
+def settle_deliveries(app: Flask) -> None:
+    """Wait until the deliveries that ``app`` has handed off so far have been attempted.
+
+    Call it before looking at what a delivery did (the outbox, a webhook receiver's requests, the
+    rows' statuses). While embedded mode runs its tasks eagerly there is nothing to wait for.
+    """
+
+
 def read_outbox(app: Flask) -> list[EmailMessage]:
-    """Messages the console backend wrote, oldest first."""
+    """Messages the console backend wrote, oldest first (after pending deliveries settled)."""
+    settle_deliveries(app)
     outbox = Path(app.instance_path) / "outbox"
     files = sorted(outbox.glob("*.eml")) if outbox.exists() else []
     return [
