@@ -278,3 +278,10 @@ def test_send_test_event_reports_the_receivers_answer(
     page = text(client.get(response.headers["Location"]))
     assert "The receiver answered 200: the webhook works." in page
     assert webhook_receiver.bodies()[0]["type"] == "webhook.test"
+
+
+@pytest.mark.parametrize("key", ["webhook_dns_timeout", "webhook_test_timeout"])
+@pytest.mark.parametrize("value", [0, -1.5])
+def test_webhook_dns_and_test_timeouts_must_be_positive(key: str, value: float) -> None:
+    with pytest.raises(microapp.SettingsError, match=f"{key.upper()}: must be greater than 0"):
+        microapp.load_settings(**{key: value})
