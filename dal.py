@@ -1067,6 +1067,38 @@ def disable_webhook(conn: Connection, form_id: int) -> None:
     )
 
 
+def _unsent_webhooks(form_id: int) -> sa.ColumnElement[bool]:
+    """The conditions for a form's webhook deliveries that no attempt is working on."""
+    return sa.and_(
+        deliveries.c.kind == "webhook",
+        deliveries.c.status.in_(("pending", "held")),
+        deliveries.c.submission_id.in_(
+            sa.select(submissions.c.id).where(submissions.c.form_id == form_id)
+        ),
+    )
+
+
+def retarget_webhook_deliveries(conn: Connection, form_id: int, url: str) -> int:
+    """Show the form's unsent webhook deliveries going to its new URL; how many there were."""
+    result = conn.execute(sa.update(deliveries).where(_unsent_webhooks(form_id)).values(target=url))
+    return result.rowcount
+
+
+def cancel_webhook_deliveries(conn: Connection, form_id: int, reason: str) -> int:
+    """Mark the form's unsent webhook deliveries dead with ``reason``; how many there were."""
+    result = conn.execute(
+        sa.update(deliveries)
+        .where(_unsent_webhooks(form_id))
+        .values(status="dead", last_error=reason, updated_at=utcnow())
+    )
+    return result.rowcount
+
+
+def set_delivery_target(conn: Connection, delivery_id: int, target: str) -> None:
+    """Record where a delivery is being sent (a webhook's URL can change between attempts)."""
+    conn.execute(sa.update(deliveries).where(deliveries.c.id == delivery_id).values(target=target))
+
+
 def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[Row]:
     """A form's dead deliveries with their submission ids, newest first."""
     return list(

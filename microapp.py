@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     webhook_connect_timeout: float = 5.0
     webhook_read_timeout: float = 15.0
+    webhook_dns_timeout: float = 2.0
+    webhook_test_timeout: float = 5.0
 
     rate_limits_enabled: bool = True
     submit_limit_per_ip_minute: int = 10
@@ -212,8 +214,9 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "redis_timeout", "smtp_timeout", "webhook_connect_timeout", "webhook_read_timeout"
-    )
+        "redis_timeout", "smtp_timeout", "webhook_connect_timeout", "webhook_read_timeout",
+        "webhook_dns_timeout", "webhook_test_timeout",
+    )  # fmt: skip
     @classmethod
     def _positive_seconds(cls, value: float) -> float:
         """Timeouts are positive seconds."""
@@ -807,28 +810,58 @@ def form_webhook(public_id: str) -> Any:
         return _render_settings(record, webhook_form=webhook_form), 422
     if action == "test":
         flash(services.send_test_event(record), "info")
-    elif action == "rotate":
-        services.rotate_webhook_secret(record)
+        return redirect(url_for("pages.form_settings", public_id=public_id) + "#webhook")
+    if action == "rotate":
         flash("New signing secret created. Give it to your receiver.", "success")
-    else:
-        url = webhook_form.url.data or None
-        problem = services.check_webhook_url(url) if url else None
-        if problem:
-            webhook_form.url.errors.append(f"This address cannot receive webhooks: {problem}.")
-            return _render_settings(record, webhook_form=webhook_form), 422
-        services.set_webhook(record, url)
-        flash("Webhook saved." if url else "Webhook removed.", "success")
+        return _secret_page(record, services.rotate_webhook_secret(record))
+    url = webhook_form.url.data or None
+    problem = services.check_webhook_url(url) if url else None
+    if problem:
+        webhook_form.url.errors.append(f"This address cannot receive webhooks: {problem}.")
+        return _render_settings(record, webhook_form=webhook_form), 422
+    new_secret = services.set_webhook(record, url)
+    flash("Webhook saved." if url else "Webhook removed.", "success")
+    if new_secret:
+        return _secret_page(services.owned_form(g.user.id, public_id), new_secret)
     return redirect(url_for("pages.form_settings", public_id=public_id) + "#webhook")
 
 
-def _render_settings(record: dal.Row, form: Any = None, webhook_form: Any = None) -> str:
-    """The settings page with its two forms."""
+@pages.post("/forms/<pid:public_id>/webhook/secret")
+@login_required
+def form_webhook_secret(public_id: str) -> Any:
+    """Show the signing secret once more ("Reveal"); CSRF-checked like every POST."""
+    record = _owned_form(public_id)
+    secret = services.reveal_webhook_secret(record)
+    if secret is None:
+        flash("This form has no webhook yet.", "info")
+        return redirect(url_for("pages.form_settings", public_id=public_id) + "#webhook")
+    return _secret_page(record, secret)
+
+
+def _secret_page(record: dal.Row, secret: str) -> Any:
+    """The settings page showing the signing secret in full, kept out of every cache."""
+    response = current_app.make_response(_render_settings(record, shown_secret=secret))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _render_settings(
+    record: dal.Row, form: Any = None, webhook_form: Any = None, shown_secret: str | None = None
+) -> str:
+    """The settings page with its two forms; the signing secret masked unless ``shown_secret``."""
     if form is None:
         form = forms.FormSettingsForm(data=forms.settings_form_data(record._mapping))
     if webhook_form is None:
         webhook_form = forms.WebhookForm(data={"url": record.webhook_url or ""})
+    masked = services.masked_secret(record.webhook_secret) if record.webhook_secret else None
     return render_template(
-        "form_settings.html", form=form, record=record, webhook_form=webhook_form
+        "form_settings.html",
+        form=form,
+        record=record,
+        webhook_form=webhook_form,
+        shown_secret=shown_secret,
+        masked_secret=masked,
+        reveal_form=forms.ActionForm(),
     )
 
 

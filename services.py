@@ -17,6 +17,7 @@ import json
 import re
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -858,17 +859,29 @@ def new_webhook_secret() -> str:
 def check_webhook_url(url: str) -> str | None:
     """Why this URL cannot be a webhook target, or None when it can."""
     try:
-        resolve_webhook_target(url, settings().webhook_allow_private)
+        resolve_webhook_target(
+            url, settings().webhook_allow_private, dns_timeout=settings().webhook_dns_timeout
+        )
     except BlockedAddress as exc:
         return str(exc)
     return None
 
 
-def set_webhook(form: dal.Row, url: str | None) -> None:
-    """Set or remove the form's webhook; a first URL gets a fresh signing secret."""
+WEBHOOK_REMOVED = "cancelled: the form's webhook was removed"
+
+
+def set_webhook(form: dal.Row, url: str | None) -> str | None:
+    """Set or remove the form's webhook; the new signing secret when a first URL made one.
+
+    Deliveries still to send follow the change: they go to the new URL, or, when the webhook is
+    removed, they are cancelled (dead, with WEBHOOK_REMOVED as their error, and replayable).
+    """
+    values = _webhook_values(form, url)
     with dal.form_write(form.public_id) as conn:
-        dal.update_form(conn, form.id, _webhook_values(form, url))
+        dal.update_form(conn, form.id, values)
+        _follow_webhook_change(conn, form, values["webhook_url"])
     log.info("form.webhook_set", form=form.public_id, enabled=bool(url))
+    return values.get("webhook_secret")
 
 
 def _webhook_values(form: dal.Row, url: str | None) -> dict[str, Any]:
@@ -879,15 +892,43 @@ def _webhook_values(form: dal.Row, url: str | None) -> dict[str, Any]:
     return values
 
 
-def rotate_webhook_secret(form: dal.Row) -> None:
-    """Replace the signing secret; the receiver must be given the new one."""
+def _follow_webhook_change(conn: Any, form: dal.Row, url: str | None) -> None:
+    """Point the form's unsent webhook deliveries at ``url``, or cancel them when it is None."""
+    if url == form.webhook_url:
+        return
+    if url is None:
+        dal.cancel_webhook_deliveries(conn, form.id, WEBHOOK_REMOVED)
+    else:
+        dal.retarget_webhook_deliveries(conn, form.id, url)
+
+
+def rotate_webhook_secret(form: dal.Row) -> str:
+    """Replace the signing secret and return it; the receiver must be given the new one."""
+    secret = new_webhook_secret()
     with dal.form_write(form.public_id) as conn:
-        dal.update_form(conn, form.id, {"webhook_secret": new_webhook_secret()})
+        dal.update_form(conn, form.id, {"webhook_secret": secret})
     log.info("form.webhook_secret_rotated", form=form.public_id)
+    return secret
+
+
+def reveal_webhook_secret(form: dal.Row) -> str | None:
+    """The form's signing secret, to show its owner once more (logged, the secret never is)."""
+    if form.webhook_secret:
+        log.info("form.webhook_secret_revealed", form=form.public_id)
+    return form.webhook_secret
+
+
+def masked_secret(secret: str) -> str:
+    """A signing secret as the settings page shows it: enough to tell two apart, no more."""
+    return f"whsec_…{secret[-4:]}"
 
 
 def send_test_event(form: dal.Row) -> str:
-    """POST a signed webhook.test event now and say how the receiver answered."""
+    """POST a signed webhook.test event now and say how the receiver answered.
+
+    This runs in a web request: DNS, connect and read are each held to short limits
+    (WEBHOOK_DNS_TIMEOUT, WEBHOOK_TEST_TIMEOUT), and every failure is a sentence to show.
+    """
     if not form.webhook_url or not form.webhook_secret:
         return "Set a webhook URL first."
     body = json.dumps(
@@ -897,12 +938,17 @@ def send_test_event(form: dal.Row) -> str:
             "data": {"form": {"id": form.public_id, "name": form.name}},
         }
     ).encode()
+    timeout = settings().webhook_test_timeout
     try:
         status, _ = tasks.post_webhook(
-            form.webhook_url, form.webhook_secret, f"msg_test_{new_public_id()}", body
+            form.webhook_url,
+            form.webhook_secret,
+            f"msg_test_{new_public_id()}",
+            body,
+            timeouts=(timeout, timeout),
         )
     except (tasks.PermanentFailure, tasks.TemporaryFailure) as exc:
-        return f"The test event failed: {exc}"
+        return f"The test event failed: {exc}."
     if 200 <= status < 300:
         return f"The receiver answered {status}: the webhook works."
     return f"The receiver answered {status}; only 2xx answers count as delivered."
@@ -919,43 +965,215 @@ class BlockedAddress(ValueError):
     """A webhook URL that is not http(s) or resolves to a non-public address."""
 
 
-def _address_is_public(address: str) -> bool:
-    """True only for globally routable unicast addresses (IPv4-mapped forms unwrapped)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+class HostNotResolved(BlockedAddress):
+    """The webhook's host name gave no address in time: worth trying again later."""
 
 
-def resolve_webhook_target(url: str, allow_private: bool) -> tuple[Any, list[str]]:
-    """Check a webhook URL and resolve it; every resolved address must be public.
+# How the webhook check sorts an address: "public" passes, "private" (loopback, the private and
+# shared ranges) passes only with WEBHOOK_ALLOW_PRIVATE, "blocked" never does. Python's is_global
+# is the base; the lists add what it gets wrong or what no webhook receiver can be (multicast,
+# site-local, 6to4 relays, the IPv6 ranges that are not global unicast, ...).
+PUBLIC, PRIVATE, BLOCKED = "public", "private", "blocked"
+_SEVERITY = {PUBLIC: 0, PRIVATE: 1, BLOCKED: 2}
+_PRIVATE_V4 = [
+    ipaddress.IPv4Network(net)
+    for net in ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+]
+_BLOCKED_V4 = [
+    ipaddress.IPv4Network(net)
+    for net in (
+        "0.0.0.0/8", "169.254.0.0/16", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24",
+        "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    )
+]  # fmt: skip
+_PRIVATE_V6 = [ipaddress.IPv6Network(net) for net in ("::1/128", "fc00::/7", "64:ff9b:1::/48")]
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+_BLOCKED_V6 = [
+    ipaddress.IPv6Network(net)
+    # IETF protocol assignments (Teredo, benchmarking, ORCHID...), documentation, SRv6 SIDs
+    for net in ("2001::/23", "2001:db8::/32", "3fff::/20", "5f00::/16")
+]
+# IPv6 prefixes that only carry an IPv4 address (to a translator): judged by that address alone.
+_CARRIERS_V6 = [
+    ipaddress.IPv6Network(net) for net in ("::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96")
+]
+_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible (RFC 4291)
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
 
-    Dotted, decimal, octal and hex spellings of an address all resolve to the same address,
-    so checking what the resolver returns covers them.
+
+def _ipv4_class(ip: ipaddress.IPv4Address) -> str:
+    """PUBLIC, PRIVATE or BLOCKED for an IPv4 address."""
+    if any(ip in net for net in _PRIVATE_V4):
+        return PRIVATE
+    if any(ip in net for net in _BLOCKED_V4) or not ip.is_global:
+        return BLOCKED
+    return PUBLIC
+
+
+def _ipv6_own_class(ip: ipaddress.IPv6Address) -> str:
+    """PUBLIC, PRIVATE or BLOCKED for an IPv6 address itself, leaving out what it carries."""
+    if any(ip in net for net in _CARRIERS_V6):
+        return PUBLIC
+    if any(ip in net for net in _PRIVATE_V6):
+        return PRIVATE
+    if (
+        ip not in _GLOBAL_UNICAST  # multicast, link- and site-local, ::/8, unassigned space
+        or any(ip in net for net in _BLOCKED_V6)
+        or not ip.is_global
+    ):
+        return BLOCKED
+    return PUBLIC
+
+
+def _low32(value: int) -> ipaddress.IPv4Address:
+    """The IPv4 address in the low 32 bits of ``value``."""
+    return ipaddress.IPv4Address(value & 0xFFFF_FFFF)
+
+
+def embedded_ipv4_addresses(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address an IPv6 address carries to a translator or tunnel, by its prefix.
+
+    IPv4-mapped, -translated and -compatible and the NAT64 well-known prefix carry it in the low
+    32 bits. The NAT64 local-use prefix may be cut at /48, /56, /64 or /96 (RFC 6052 section 2.2)
+    and the address does not say which: each position is read and each is judged. 6to4 carries
+    it in bits 16-47; Teredo carries its server in bits 32-63 and the client, inverted, last.
     """
-    parts = urlsplit(url)
+    value = int(ip)
+    if any(ip in net for net in _CARRIERS_V6):
+        return [_low32(value)]
+    if ip in _COMPATIBLE:
+        return [_low32(value)] if value > 1 else []  # :: and ::1 are not compatible addresses
+    if ip in _NAT64_LOCAL:
+        return [
+            _low32((value >> 64 & 0xFFFF) << 16 | value >> 40 & 0xFFFF),  # /48
+            _low32((value >> 64 & 0xFF) << 24 | value >> 32 & 0xFF_FFFF),  # /56
+            _low32(value >> 24),  # /64
+            _low32(value),  # /96
+        ]
+    if ip in _SIX_TO_FOUR:
+        return [_low32(value >> 80)]
+    if ip in _TEREDO:
+        return [_low32(value >> 64), _low32(~value)]
+    return []
+
+
+def address_class(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """PUBLIC, PRIVATE or BLOCKED: the worst of the address and every IPv4 address it carries."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return _ipv4_class(ip)
+    verdicts = [_ipv6_own_class(ip)] + [_ipv4_class(v4) for v4 in embedded_ipv4_addresses(ip)]
+    return max(verdicts, key=_SEVERITY.__getitem__)
+
+
+# A hanging resolver must not hold a web thread: lookups run on daemon threads that the caller
+# waits for only so long. Those still stuck when every slot is taken make new lookups fail fast.
+_DNS_SLOTS = threading.BoundedSemaphore(16)
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def _resolve(host: str, port: int, timeout: float) -> list[str]:
+    """The addresses ``host`` resolves to, waiting at most ``timeout`` seconds for DNS."""
+    if not _DNS_SLOTS.acquire(blocking=False):
+        raise HostNotResolved(f"the DNS lookup for {host!r} is still waiting; try again")
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def lookup() -> None:
+        """Resolve on this thread; the caller may have stopped waiting."""
+        try:
+            outcome["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            outcome["error"] = exc
+        finally:
+            _DNS_SLOTS.release()
+            done.set()
+
+    threading.Thread(target=lookup, name="mailslot-dns", daemon=True).start()
+    if not done.wait(timeout):
+        raise HostNotResolved(
+            f"the DNS lookup for {host!r} took longer than {timeout:g} s; try again"
+        )
+    if "error" in outcome:
+        raise HostNotResolved(f"the host {host!r} does not resolve")
+    return list(dict.fromkeys(info[4][0] for info in outcome["infos"]))
+
+
+def _literal_address(host: str, bracketed: bool) -> str | None:
+    """The address a numeric host stands for, in any spelling inet_aton accepts; None for names."""
+    if bracketed:
+        if "%" in host:
+            raise BlockedAddress("the webhook URL must not name an IPv6 zone (%)")
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise BlockedAddress(f"{host!r} is not a valid IPv6 address") from None
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host.removesuffix(".")))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """Where a checked webhook URL points: scheme, ASCII host name, port, path with query."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+
+def resolve_webhook_target(
+    url: str, allow_private: bool, dns_timeout: float
+) -> tuple[WebhookTarget, list[str]]:
+    """Check a webhook URL and resolve it; every address it stands for must be allowed.
+
+    The caller connects to one of the returned addresses and never resolves the name again,
+    so a name that changes its answer after the check (DNS rebinding) cannot redirect it.
+    Numeric hosts in every spelling (127.1, 0x7f.1, 2130706433, full-width digits) are parsed
+    here, never looked up.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise BlockedAddress(
+            "the webhook URL is not a valid URL (check its host and port)"
+        ) from None
     if parts.scheme not in ("http", "https"):
         raise BlockedAddress("only http:// and https:// webhook URLs are allowed")
-    if not parts.hostname or parts.username or parts.password:
+    if "@" in parts.netloc or not parts.hostname:
         raise BlockedAddress("the webhook URL needs a host name and no user name or password")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise BlockedAddress("the webhook URL has an invalid port") from None
-    try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise BlockedAddress(f"the host {parts.hostname!r} does not resolve") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    elif port == 0:
+        raise BlockedAddress("the webhook URL has an invalid port")
+    bracketed = parts.netloc.startswith("[")
+    host = parts.hostname
+    if not bracketed:
+        try:
+            host = host.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            raise BlockedAddress(f"{parts.hostname!r} is not a valid host name") from None
+        if not _HOST_NAME.fullmatch(host):
+            raise BlockedAddress(f"{parts.hostname!r} is not a valid host name")
+    name = host.removesuffix(".")
+    if not allow_private and (name == "localhost" or name.endswith(".localhost")):
+        raise BlockedAddress(f"{host!r} always means this machine (a loopback name)")  # RFC 6761
+    literal = _literal_address(host, bracketed)
+    addresses = [literal] if literal else _resolve(host, port, dns_timeout)
     if not addresses:
-        raise BlockedAddress(f"the host {parts.hostname!r} does not resolve")
-    if not allow_private:
-        blocked = [a for a in addresses if not _address_is_public(a)]
-        if blocked:
-            raise BlockedAddress(
-                f"the host {parts.hostname!r} resolves to a private or reserved address"
-            )
-    return parts, addresses
+        raise HostNotResolved(f"the host {host!r} does not resolve")
+    allowed = (PUBLIC, PRIVATE) if allow_private else (PUBLIC,)
+    for address in addresses:
+        if address_class(ipaddress.ip_address(address.split("%", 1)[0])) not in allowed:
+            where = f"{address} is" if literal else f"the host {host!r} resolves to {address},"
+            raise BlockedAddress(f"{where} a private or reserved address")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return WebhookTarget(parts.scheme, host, port, path), addresses
 
 
 CHART_DAYS = 30
@@ -1165,6 +1383,7 @@ def update_form_via_api(
             dal.update_form(conn, form.id, clean)
         if fields is not None and fields != form.fields:
             dal.bump_schema_version(conn, form.id, fields)
+        _follow_webhook_change(conn, form, webhook_url)
     log.info("form.updated", form=form.public_id, via="api", changed=sorted(clean))
     fresh = owned_form(form.owner_id, form.public_id)
     changed = fresh.webhook_secret != form.webhook_secret

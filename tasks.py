@@ -403,6 +403,7 @@ def _record_failure(
     if gone:
         with dal.form_write(context.form_public_id) as conn:
             dal.disable_webhook(conn, context.form_id)
+            dal.cancel_webhook_deliveries(conn, context.form_id, f"cancelled: {WEBHOOK_GONE}")
     if delay is None:
         log.warning("delivery.dead", kind=context.kind, attempts=context.attempts, error=error)
         return "dead"
@@ -540,11 +541,30 @@ def webhook_body(context: Any, timestamp: int) -> bytes:
     return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def post_webhook(url: str, secret: str, message_id: str, body: bytes) -> tuple[int, dict[str, str]]:
-    """POST a signed body to a checked, pinned address; no redirects followed."""
+def post_webhook(
+    url: str,
+    secret: str,
+    message_id: str,
+    body: bytes,
+    *,
+    timeouts: tuple[float, float] | None = None,
+) -> tuple[int, dict[str, str]]:
+    """POST a signed body to a checked, pinned address; no redirects followed.
+
+    ``timeouts`` is (connect, read) in seconds; by default the worker's WEBHOOK_*_TIMEOUT.
+    A refused address is a PermanentFailure; a name that does not resolve (now) is temporary.
+    """
     settings = services.settings()
+    connect_timeout, read_timeout = timeouts or (
+        settings.webhook_connect_timeout,
+        settings.webhook_read_timeout,
+    )
     try:
-        parts, addresses = services.resolve_webhook_target(url, settings.webhook_allow_private)
+        target, addresses = services.resolve_webhook_target(
+            url, settings.webhook_allow_private, dns_timeout=settings.webhook_dns_timeout
+        )
+    except services.HostNotResolved as exc:
+        raise TemporaryFailure(str(exc)) from None
     except services.BlockedAddress as exc:
         raise PermanentFailure(f"webhook refused: {exc}") from None
     timestamp = int(time.time())
@@ -555,16 +575,12 @@ def post_webhook(url: str, secret: str, message_id: str, body: bytes) -> tuple[i
         "webhook-timestamp": str(timestamp),
         "webhook-signature": services.sign_webhook(secret, message_id, timestamp, body),
     }
-    connection_class = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    connection = connection_class(
-        parts.hostname, port, addresses[0], timeout=settings.webhook_connect_timeout
-    )
+    connection_class = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
+    connection = connection_class(target.host, target.port, addresses[0], timeout=connect_timeout)
     try:
         connection.connect()
-        connection.sock.settimeout(settings.webhook_read_timeout)
-        connection.request("POST", path, body=body, headers=headers)
+        connection.sock.settimeout(read_timeout)
+        connection.request("POST", target.path, body=body, headers=headers)
         response = connection.getresponse()
         response.read(64 * 1024)
         return response.status, {k.lower(): v for k, v in response.getheaders()}
@@ -587,18 +603,28 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
 
 
+WEBHOOK_GONE = "the receiver answered 410 Gone; webhook disabled"
+
+
 def send_webhook(context: Any) -> None:
-    """Deliver the submission.created event; 2xx done, 410 disables, 429/5xx retry."""
+    """Deliver the submission.created event; 2xx done, 410 disables, 429/5xx retry.
+
+    It goes to the form's webhook URL and secret as they are now, not as they were when the
+    submission arrived; the row's target is brought up to date to say so.
+    """
     if not context.webhook_url or not context.webhook_secret:
-        raise PermanentFailure("the form's webhook was removed")
+        raise PermanentFailure(services.WEBHOOK_REMOVED)
+    if context.target != context.webhook_url:
+        with dal.transaction() as conn:
+            dal.set_delivery_target(conn, context.delivery_id, context.webhook_url)
     body = webhook_body(context, int(time.time()))
     status, headers = post_webhook(
-        context.target, context.webhook_secret, f"msg_{context.delivery_id}", body
+        context.webhook_url, context.webhook_secret, f"msg_{context.delivery_id}", body
     )
     if 200 <= status < 300:
         return
     if status == 410:
-        raise PermanentFailure("the receiver answered 410 Gone; webhook disabled", gone=True)
+        raise PermanentFailure(WEBHOOK_GONE, gone=True)
     if 300 <= status < 400:
         raise TemporaryFailure(f"the receiver answered {status} (redirects are not followed)")
     raise TemporaryFailure(

@@ -339,6 +339,154 @@ def test_webhook_429_honours_retry_after(
     assert row.next_attempt_at >= before + dt.timedelta(seconds=119)
 
 
+@pytest.fixture
+def second_receiver() -> Any:
+    """Another running webhook receiver: where the owner moves their webhook to."""
+    receiver = WebhookReceiver()
+    receiver.thread.start()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+def current_form(app: Flask, form: dal.Row) -> dal.Row:
+    """The form as stored now."""
+    with app.app_context():
+        return services.owned_form(form.owner_id, form.public_id)
+
+
+def test_a_retry_goes_to_the_url_and_secret_the_form_has_now(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver, second_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script = [500]
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
+    submit(outbox_app, form, {"message": "x"})
+    row_id = deliveries(outbox_app)[0].id
+    assert run(outbox_app, tasks.deliver, row_id) == "retry"
+    with outbox_app.app_context():
+        services.set_webhook(form, second_receiver.url)
+        services.rotate_webhook_secret(form)
+    assert deliveries(outbox_app)[0].target == second_receiver.url  # the list shows the new one
+    assert run(outbox_app, tasks.deliver, row_id) == "done"
+    assert len(webhook_receiver.requests) == 1
+    [request] = second_receiver.requests
+    secret = current_form(outbox_app, form).webhook_secret
+    assert secret != form.webhook_secret
+    assert verify(secret, {k.lower(): v for k, v in request["headers"].items()}, request["body"])
+    row = deliveries(outbox_app)[0]
+    assert (row.status, row.target) == ("done", second_receiver.url)
+
+
+def test_a_replay_goes_to_the_current_url_and_records_it(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver, second_receiver: WebhookReceiver
+) -> None:
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
+    sub_id = submit(outbox_app, form, {"message": "x"})
+    row_id = deliveries(outbox_app)[0].id
+    assert run(outbox_app, tasks.deliver, row_id) == "done"
+    with outbox_app.app_context():
+        services.set_webhook(form, second_receiver.url)
+        assert deliveries(outbox_app)[0].target == webhook_receiver.url  # done: where it went
+        assert services.replay_delivery(services.owned_submission(form, sub_id), row_id)
+        assert tasks.deliver(row_id) == "done"
+    assert len(second_receiver.requests) == 1
+    assert deliveries(outbox_app)[0].target == second_receiver.url
+
+
+def test_removing_the_webhook_cancels_its_pending_and_held_deliveries(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script = [500]
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url)
+    submit(outbox_app, form, {"message": "first"})
+    submit(outbox_app, form, {"message": "second"})
+    first_webhook = deliveries(outbox_app, "webhook")[0].id
+    assert run(outbox_app, tasks.deliver, first_webhook) == "retry"  # pending, retry scheduled
+    with outbox_app.app_context(), dal.transaction() as conn:  # the second as spam would be
+        conn.execute(
+            sa.update(dal.deliveries)
+            .where(dal.deliveries.c.id == deliveries(outbox_app, "webhook")[1].id)
+            .values(status="held")
+        )
+    with outbox_app.app_context():
+        services.set_webhook(form, None)
+    webhooks = deliveries(outbox_app, "webhook")
+    assert [(r.status, r.last_error) for r in webhooks] == [
+        ("dead", "cancelled: the form's webhook was removed"),
+    ] * 2
+    assert {r.status for r in deliveries(outbox_app, "email")} == {"pending"}  # untouched
+    assert [run(outbox_app, tasks.deliver, r.id) for r in webhooks] == ["skipped"] * 2
+    assert len(webhook_receiver.requests) == 1  # only the first attempt, before the removal
+    with outbox_app.app_context():
+        assert [r.id for r in services.dead_deliveries(form)] == [r.id for r in webhooks][::-1]
+
+
+def test_a_410_cancels_the_forms_other_webhook_deliveries(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script = [410]
+    form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
+    submit(outbox_app, form, {"message": "first"})
+    submit(outbox_app, form, {"message": "second"})
+    first, second = (r.id for r in deliveries(outbox_app))
+    assert run(outbox_app, tasks.deliver, first) == "dead"
+    assert run(outbox_app, tasks.deliver, second) == "skipped"
+    assert len(webhook_receiver.requests) == 1
+    row = deliveries(outbox_app)[1]
+    assert row.status == "dead"
+    assert "410" in row.last_error
+
+
+@pytest.mark.parametrize(
+    ("hangs", "error"), [(False, "does not resolve"), (True, "took longer than 0.2 s")]
+)
+def test_a_webhook_host_that_does_not_resolve_now_is_retried_not_dead(
+    outbox_app: Flask, monkeypatch: pytest.MonkeyPatch, hangs: bool, error: str
+) -> None:
+    released = threading.Event()
+
+    def resolver(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if hangs:
+            released.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    outbox_app.extensions["mailslot.settings"].webhook_dns_timeout = 0.2
+    form = make_form(outbox_app, webhook_url="https://hooks.example.com/in", notify=False)
+    submit(outbox_app, form, {"message": "x"})
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    try:
+        assert run(outbox_app, tasks.deliver, deliveries(outbox_app)[0].id) == "retry"
+    finally:
+        released.set()
+    row = deliveries(outbox_app)[0]
+    assert row.status == "pending"
+    assert error in row.last_error
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(
+    outbox_app: Flask, webhook_receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DNS rebinding: the name answers the checked address once, then somewhere else.
+    answers = iter(["127.0.0.1", "127.0.0.2", "127.0.0.2"])
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def rebinding(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "rebind.evil.test":
+            return real(host, port, *args, **kwargs)
+        lookups.append(host)
+        return real(next(answers), port, *args, **kwargs)
+
+    port = webhook_receiver.url.split(":")[2].split("/")[0]
+    form = make_form(outbox_app, webhook_url=f"http://rebind.evil.test:{port}/hook", notify=False)
+    submit(outbox_app, form, {"message": "x"})
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    assert run(outbox_app, tasks.deliver, deliveries(outbox_app)[0].id) == "done"
+    assert lookups == ["rebind.evil.test"]
+    [request] = webhook_receiver.requests
+    assert request["headers"]["Host"] == f"rebind.evil.test:{port}"
+
+
 # --- SSRF -------------------------------------------------------------------------------------
 
 HOSTILE_URLS = [
@@ -353,6 +501,7 @@ HOSTILE_URLS = [
     "http://[::ffff:7f00:1]/",
     "http://localhost/",
     "http://localhost./",
+    "http://api.localhost/",  # every *.localhost name is loopback (RFC 6761)
     "http://169.254.169.254/latest/meta-data/",
     "http://[fe80::1]/",
     "http://10.0.0.1/",
@@ -364,9 +513,49 @@ HOSTILE_URLS = [
     "http://224.0.0.1/",
     "http://[fc00::1]/",
     "http://loopback.evil.test/",  # a name that resolves to loopback (patched resolver)
+    "http://mixed.evil.test/",  # one public record and one private one
     "ftp://example.com/",
     "file:///etc/passwd",
     "http://user:pass@93.184.215.14/",
+    "http://@93.184.215.14/",
+    "http://example.com\\@127.0.0.1/",
+    # IPv6 forms that carry an IPv4 address, each carrying a non-public one
+    "http://[64:ff9b::a9fe:a9fe]/",  # NAT64 well-known prefix: 169.254.169.254
+    "http://[64:ff9b::127.0.0.1]/",
+    "http://[64:ff9b:1::a9fe:a9fe]/",  # NAT64 local-use prefix (RFC 8215), /96 position
+    "http://[64:ff9b:1:a9fe:a9:fe00::]/",  # ... /48 position
+    "http://[64:ff9b:1:7f00:1::]/",  # ... /64 position: 127.0.0.1
+    "http://[2002:7f00:1::]/",  # 6to4 of 127.0.0.1
+    "http://[2002:a9fe:a9fe::1]/",
+    "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/",  # Teredo, client 127.0.0.1
+    "http://[2001:0:a9fe:a9fe::]/",  # Teredo, server 169.254.169.254
+    "http://[::127.0.0.1]/",  # IPv4-compatible
+    "http://[::a9fe:a9fe]/",
+    "http://[::ffff:0:7f00:1]/",  # IPv4-translated
+    "http://[::ffff:169.254.169.254]/",
+    "http://[::ffff:0.0.0.0]/",
+    # IPv4 spellings, zones, dots and the ranges is_global gets wrong
+    "http://0x7f.1/",
+    "http://0/",
+    "http://127.0.0.1./",
+    "http://\uff11\uff12\uff17.\uff10.\uff10.\uff11/",  # 127.0.0.1 in full-width digits
+    "http://[fe80::1%25eth0]/",
+    "http://[::1%25lo]/",
+    "http://255.255.255.255/",
+    "http://192.88.99.1/",  # 6to4 relay anycast
+    "http://198.18.0.1/",  # benchmarking
+    "http://192.0.2.1/",  # documentation
+    "http://240.0.0.1/",
+    "http://239.255.255.250/",
+    "http://[ff02::1]/",
+    "http://[ff0e::1]/",  # global-scope multicast: is_global says True
+    "http://[fec0::1]/",  # site-local: is_global says True
+    "http://[2001:db8::1]/",
+    "http://[3fff::1]/",  # documentation (RFC 9637)
+    "http://[5f00::1]/",  # SRv6 SIDs (RFC 9602)
+    "http://[100::1]/",  # discard-only
+    "http://[2001:2::1]/",  # benchmarking
+    "http://[4000::1]/",  # not global unicast
 ]
 
 
@@ -378,6 +567,8 @@ def evil_dns(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake(host: Any, *args: Any, **kwargs: Any) -> Any:
         if host == "loopback.evil.test":
             return real("127.0.0.1", *args, **kwargs)
+        if host == "mixed.evil.test":
+            return real("93.184.215.14", *args, **kwargs) + real("10.0.0.1", *args, **kwargs)
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", fake)
