@@ -13,6 +13,7 @@ import email
 import email.policy
 import os
 import re
+import shutil
 import socket
 import threading
 import uuid
@@ -116,9 +117,25 @@ def _wipe_redis_prefix(app: Flask) -> None:
 # =================================================================================================
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database brought to the newest revision by the migrations, once per run."""
+    import dal
+
+    path = tmp_path_factory.mktemp("migrated") / "mailslot.db"
+    dal.upgrade_db(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def overrides(tmp_path: Path) -> dict[str, Any]:
-    """Settings for one test's app: its own instance folder and Redis key prefix."""
+def overrides(tmp_path: Path, migrated_sqlite: Path) -> dict[str, Any]:
+    """Settings for one test's app: its own instance folder and Redis key prefix.
+
+    The folder starts with a copy of the migrated database: the schema a first start creates,
+    without running the migrations again for every app (about 70 ms each).
+    """
+    (tmp_path / "instance").mkdir()
+    shutil.copyfile(migrated_sqlite, tmp_path / "instance" / "mailslot.db")
     return {
         "instance_path": str(tmp_path / "instance"),
         "password_hash_method": FAST_HASH,
