@@ -30,10 +30,12 @@ from sqlalchemy.dialects.postgresql import JSONB
 from werkzeug.security import generate_password_hash
 
 import dal
+import microapp
 from conftest import (
     FAST_HASH,
     PASSWORD,
     AuthActions,
+    free_port,
     new_postgres_database,
     post_form,
     read_outbox,
@@ -796,3 +798,15 @@ def test_a_migration_that_orphans_rows_is_rolled_back_with_a_message(
     assert result.exit_code == 1
     assert "would leave rows in api_tokens, forms whose foreign keys point nowhere" in result.output
     assert dump(database_url) == before
+
+
+@pytest.mark.parametrize("kind", ["sqlite"])
+def test_upgrade_db_says_when_the_database_is_unreachable(overrides: dict[str, Any]) -> None:
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    app = microapp.create_app(**{**overrides, "database_url": unreachable})
+
+    result = app.test_cli_runner().invoke(args=["upgrade-db"])
+
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: The database is unreachable or locked: ")
+    assert "Connection refused" in result.output
