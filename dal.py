@@ -13,8 +13,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import cache, partial
+from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import redis
@@ -25,11 +27,36 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine, Row
 
 if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
     from microapp import Settings
 
 __all__ = ["Row"]
 
-SCHEMA_VERSION = 1
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def _newest_revision() -> str:
+    """The head of the migrations, from the file names alone (no Alembic import at start-up):
+    they are ``<revision>_<slug>.py``, numbered 0001 upwards (test_migrations holds them to it)."""
+    versions = (MIGRATIONS_DIR / "versions").glob("[0-9][0-9][0-9][0-9]_*.py")
+    return max(path.name[:4] for path in versions)
+
+
+# A database at this revision needs nothing.
+SCHEMA_REVISION = _newest_revision()
+# Release 1 had no Alembic: it stamped mailslot_meta's schema_version "1" and refuses any other
+# value. Its databases are stamped at RELEASE_1_REVISION and their stamp becomes "2".
+RELEASE_1_STAMP = "1"
+ALEMBIC_STAMP = "2"
+RELEASE_1_REVISION = "0001"
+RELEASE_1_TABLES = frozenset(
+    {"mailslot_meta", "users", "forms", "submissions", "deliveries", "api_tokens"}
+)
+# The upgrade's PostgreSQL advisory lock: a constant of ours ("mailslot" in ASCII).
+MIGRATION_LOCK_KEY = 0x6D61696C736C6F74
+SQLITE_LOCK_WAIT_MS = 10 * 60 * 1000
 log = structlog.get_logger("mailslot.dal")
 
 # =================================================================================================
@@ -67,6 +94,7 @@ def utcnow() -> dt.datetime:
 JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
 metadata = sa.MetaData()
 
+# Release 1's schema version stamp, kept so that release 1 refuses a database it cannot read.
 meta = sa.Table(
     "mailslot_meta",
     metadata,
@@ -166,6 +194,9 @@ api_tokens = sa.Table(
     sa.Column("revoked_at", UTCDateTime),
 )
 
+# Alembic's own table (not ours to create): the revision the database is at.
+_alembic_version = sa.table("alembic_version", sa.column("version_num", sa.String))
+
 # =================================================================================================
 # Engine, Redis client and the app's stores
 # =================================================================================================
@@ -187,13 +218,15 @@ class Stores:
     write_lock: threading.RLock | None = None
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(
+    dbapi_connection: Any, _record: Any, busy_timeout_ms: int = 5000, foreign_keys: bool = True
+) -> None:
     """Durable, concurrent SQLite: WAL, a generous busy timeout, full sync, foreign keys."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
     cursor.close()
 
 
@@ -281,44 +314,223 @@ def describe_url(url: str) -> str:
 
 
 class SchemaMismatch(RuntimeError):
-    """The database was made by another version of Mailslot."""
+    """The database cannot be brought to this code's schema; the message says why."""
 
 
-def init_db() -> bool:
-    """Create missing tables and record the schema version; True when anything was created.
+SchemaKind = Literal["empty", "release-1", "current", "behind", "newer", "unrecognised"]
 
-    Safe to run any number of times. A database stamped with another schema version is refused
-    with a message instead of being used half-understood.
-    """
-    with stores().engine.begin() as conn:
-        existing = set(sa.inspect(conn).get_table_names())
-        stored = _schema_version(conn) if meta.name in existing else None
-        if stored is not None and stored != SCHEMA_VERSION:
-            raise SchemaMismatch(
-                f"The database has Mailslot schema version {stored}, but this Mailslot uses "
-                f"version {SCHEMA_VERSION}. Use the matching Mailslot release or a new database."
+
+@dataclass(frozen=True)
+class SchemaState:
+    """What a database holds, as the upgrade command and /readyz see it."""
+
+    kind: SchemaKind
+    revision: str | None = None  # its Alembic revision, when it has one
+    detail: str = ""  # for a person: what is wrong and what to do
+
+
+def schema_state(conn: Connection) -> SchemaState:
+    """Tell an empty database, release 1's, one at the head, behind or ahead of this code."""
+    names = set(sa.inspect(conn).get_table_names())
+    revisions = (
+        conn.execute(sa.select(_alembic_version.c.version_num)).scalars().all()
+        if _alembic_version.name in names
+        else []
+    )
+    if revisions == [SCHEMA_REVISION]:
+        return SchemaState("current", SCHEMA_REVISION)
+    if len(revisions) == 1:
+        revision = revisions[0]
+        if revision in _known_revisions():
+            return SchemaState(
+                "behind",
+                revision,
+                f"The database is at revision {revision}; this Mailslot needs {SCHEMA_REVISION}.",
             )
-        missing = [t.name for t in metadata.sorted_tables if t.name not in existing]
-        metadata.create_all(conn, checkfirst=True)
-        if stored is None:
-            conn.execute(sa.insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
-    return bool(missing)
+        return SchemaState(
+            "newer",
+            revision,
+            f"The database is at revision {revision}, which is newer than this Mailslot (its "
+            f"newest is {SCHEMA_REVISION}): a later release upgraded it. Run that release or a "
+            "newer one, or restore the backup taken before that upgrade.",
+        )
+    if revisions:
+        return SchemaState(
+            "unrecognised",
+            None,
+            f"The database is at several revisions at once ({', '.join(revisions)}), but this "
+            "Mailslot's migrations form one line. Restore a backup, or use an empty database.",
+        )
+    ours = names & RELEASE_1_TABLES
+    if not ours:
+        return SchemaState("empty")
+    stamp = (
+        conn.execute(
+            sa.select(meta.c.value).where(meta.c.key == "schema_version")
+        ).scalar_one_or_none()
+        if meta.name in names
+        else None
+    )
+    missing = ", ".join(sorted(RELEASE_1_TABLES - names))
+    if stamp == RELEASE_1_STAMP and not missing:
+        return SchemaState("release-1", None, "The database was made by release 1.")
+    problem = (
+        f"is stamped with Mailslot schema version {stamp}" if stamp else "has no version stamp"
+    )
+    return SchemaState(
+        "unrecognised",
+        None,
+        f"The database holds Mailslot tables ({', '.join(sorted(ours))}) but {problem}"
+        + (f" and lacks {missing}" if missing else "")
+        + ", so this Mailslot cannot tell what it is. Restore a backup, or use an empty database.",
+    )
 
 
-def _schema_version(conn: Connection) -> int | None:
-    """The schema version the database was stamped with."""
-    value = conn.execute(
-        sa.select(meta.c.value).where(meta.c.key == "schema_version")
-    ).scalar_one_or_none()
-    return int(value) if value is not None else None
+def upgrade_db(url: str | None = None) -> list[str]:
+    """Bring the database (the app's, or ``url``) to the newest revision; what changed, if any.
+
+    An empty database gets every migration; one made by release 1 is stamped at 0001 without a
+    row changing, then upgraded; one at an older revision is upgraded. Idempotent, and one process
+    at a time: the others wait for the lock, then find nothing to do (an empty list). A database
+    this code cannot read (newer, or unrecognised) raises SchemaMismatch and is left untouched.
+    """
+    with migration_connection(url or _app_database_url()) as conn:
+        state = schema_state(conn)
+        if state.kind in ("newer", "unrecognised"):
+            raise SchemaMismatch(state.detail)
+        if state.kind == "current":
+            return []
+        from alembic import command
+
+        config = alembic_config(conn)
+        done: list[str] = []
+        start = state.revision
+        if state.kind == "release-1":
+            command.stamp(config, RELEASE_1_REVISION)
+            conn.execute(
+                sa.update(meta).where(meta.c.key == "schema_version").values(value=ALEMBIC_STAMP)
+            )
+            start = RELEASE_1_REVISION
+            done.append(
+                f"Brought a database from release 1 under Alembic at revision {start}; "
+                "no row was changed."
+            )
+        command.upgrade(config, "head")
+        steps = _revisions_after(start)
+        if start is None:
+            done.append(f"Created the database at revision {SCHEMA_REVISION} (head).")
+        elif steps:
+            done.append(f"Upgraded {' → '.join([start, *steps])} (head).")
+    for line in done:
+        log.info("database.upgraded", done=line)
+    return done
 
 
-def stored_schema_version() -> int | None:
-    """The stamped schema version, or None before init-db."""
+def create_embedded_db() -> list[str]:
+    """On start with SQLite, a missing database is created by the migrations; what was done.
+
+    Only an empty database: upgrading one that holds data is the upgrade command's job, which
+    `just run` and the release phase run first. A database that needs it is logged here.
+    """
     with connection() as conn:
-        if meta.name not in sa.inspect(conn).get_table_names():
-            return None
-        return _schema_version(conn)
+        state = schema_state(conn)
+    if state.kind == "empty":
+        return upgrade_db()
+    if state.kind != "current":
+        log.warning("database.not_current", state=state.kind, detail=state.detail)
+    return []
+
+
+@contextmanager
+def migration_connection(url: str) -> Iterator[Connection]:
+    """A connection whose transaction holds the upgrade lock; committed when the block succeeds.
+
+    PostgreSQL: a transaction-level advisory lock on a constant key, released by the commit (or by
+    the server when the process dies). SQLite: BEGIN EXCLUSIVE, waiting up to ten minutes for the
+    other writers, and DDL inside the transaction, so a failed upgrade leaves nothing half-done.
+    Foreign keys are off while it runs (batch mode drops and re-creates tables, and dropping a
+    parent with them on deletes its children's rows) and checked before the commit.
+    """
+    engine = _migration_engine(url)
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+            yield conn
+            if engine.dialect.name == "sqlite":
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if broken:
+                    tables = ", ".join(sorted({row[0] for row in broken}))
+                    raise SchemaMismatch(
+                        f"The upgrade would leave rows in {tables} whose foreign keys point "
+                        "nowhere; nothing was changed."
+                    )
+    finally:
+        engine.dispose()
+
+
+def alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    """Alembic's configuration, in code (no alembic.ini): our migrations, on this connection."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.attributes["connection"] = connection
+    return config
+
+
+def _migration_engine(url: str) -> Engine:
+    """A one-connection engine for upgrades, apart from the app's pool."""
+    if not url.startswith("sqlite"):
+        return sa.create_engine(
+            url,
+            json_serializer=_json_dumps,
+            poolclass=sa.pool.NullPool,
+            connect_args={"connect_timeout": 5},
+        )
+    engine = sa.create_engine(url, json_serializer=_json_dumps, poolclass=sa.pool.NullPool)
+    sa.event.listen(
+        engine,
+        "connect",
+        partial(_sqlite_pragmas, busy_timeout_ms=SQLITE_LOCK_WAIT_MS, foreign_keys=False),
+    )
+    sa.event.listen(engine, "connect", _sqlite_manual_begin)
+    sa.event.listen(engine, "begin", _begin_exclusive)
+    return engine
+
+
+def _sqlite_manual_begin(dbapi_connection: Any, _record: Any) -> None:
+    """Stop pysqlite from beginning transactions itself: it would leave DDL outside them."""
+    dbapi_connection.isolation_level = None
+
+
+def _begin_exclusive(conn: Connection) -> None:
+    """Begin the upgrade's transaction holding SQLite's write lock, DDL included."""
+    conn.exec_driver_sql("BEGIN EXCLUSIVE")
+
+
+def _app_database_url() -> str:
+    """The current app's database URL, password included."""
+    return stores().engine.url.render_as_string(hide_password=False)
+
+
+@cache
+def _script_directory() -> ScriptDirectory:
+    """The migration scripts (read once per process)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def _known_revisions() -> set[str]:
+    """Every revision this code's migrations know."""
+    return {script.revision for script in _script_directory().walk_revisions()}
+
+
+def _revisions_after(start: str | None) -> list[str]:
+    """The revisions from just after ``start`` up to the head, oldest first."""
+    scripts = _script_directory().iterate_revisions("head", start or "base")
+    return [script.revision for script in reversed(list(scripts))]
 
 
 def redis_reachable() -> bool:

@@ -12,10 +12,24 @@ default:
 sync:
     uv sync --locked --all-extras --quiet --compile-bytecode
 
-# Serve on http://127.0.0.1:8000 (embedded mode unless REDIS_URL / DATABASE_URL are set).
+# Serve on http://127.0.0.1:8000 (embedded mode unless REDIS_URL / DATABASE_URL are set), after
+# creating or upgrading the database.
 run: sync
-    uv run --locked flask --app microapp init-db
+    uv run --locked flask --app microapp upgrade-db
     uv run --locked flask --app microapp serve
+
+# Start the next migration from dal.py's tables: Alembic compares them with a scratch SQLite
+# database at the newest revision and writes migrations/versions/<next>_<message>.py. Review it.
+migration message: sync
+    #!/usr/bin/env bash
+    set -euo pipefail
+    scratch="$(mktemp -d)"
+    trap 'rm -rf "$scratch"' EXIT
+    export DATABASE_URL="sqlite:///$scratch/head.db" INSTANCE_PATH="$scratch/instance" REDIS_URL=""
+    uv run --locked flask --app microapp upgrade-db >/dev/null
+    next="$(uv run --locked python -c 'import dal; print(f"{int(dal.SCHEMA_REVISION) + 1:04d}")')"
+    uv run --locked alembic revision --autogenerate --rev-id "$next" -m {{quote(message)}}
+    echo "Now edit it (names for new constraints, data to move, the downgrade), then: just test"
 
 # Run the whole test suite (extra arguments go to pytest).
 test *args: sync

@@ -365,6 +365,8 @@ def configure_logging(settings: Settings) -> None:
     for name in ("flask.app", "waitress", "celery", "werkzeug"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    # Alembic names each of its autogenerate plugins at INFO the first time it runs.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _keep_exc_info(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -448,9 +450,10 @@ def create_app(**overrides: Any) -> Flask:
     request_finished.connect(_log_request, app)
 
     if settings.database_url_or_default.startswith("sqlite"):
-        # A local file, not a network call: embedded mode creates its database on first start.
+        # A local file, not a network call: a missing database is created by the migrations on
+        # first start. One that holds data is upgraded by upgrade-db only (`just run` runs it).
         with app.app_context():
-            dal.init_db()
+            app.extensions["mailslot.created_db"] = dal.create_embedded_db()
     log.info(
         "mailslot.start",
         mode=settings.mode,
@@ -1360,14 +1363,24 @@ def _start_embedded_sweeper(app: Flask, interval: int) -> threading.Thread:
 def _register_cli(app: Flask) -> None:
     """Commands run as ``flask --app microapp <command>``."""
 
-    @app.cli.command("init-db")
-    def init_db_command() -> None:
-        """Create the tables (idempotent) and record the schema version."""
+    @app.cli.command("upgrade-db")
+    def upgrade_db_command() -> None:
+        """Create or upgrade the database to this code's schema (idempotent, one at a time)."""
+        # On SQLite create_app creates a missing database: that was done by this command too.
+        done = app.extensions.pop("mailslot.created_db", [])
         try:
-            created = dal.init_db()
+            done += dal.upgrade_db()
         except dal.SchemaMismatch as exc:
             raise click.ClickException(str(exc)) from None
-        click.echo("Initialised the database." if created else "The database is up to date.")
+        except OperationalError as exc:
+            raise click.ClickException(
+                f"The database is unreachable or locked: {exc.orig}"
+            ) from None
+        for line in done or [f"Already at {dal.SCHEMA_REVISION} (head); nothing to do."]:
+            click.echo(line)
+
+    # The release-1 name: Procfiles, unit files and scripts that call it keep working.
+    app.cli.add_command(upgrade_db_command, "init-db")
 
     @app.cli.command("deliver-pending")
     def deliver_pending_command() -> None:

@@ -1514,17 +1514,26 @@ def erase_person(owner_id: int, email: str) -> int:
 # =================================================================================================
 
 
+_UPGRADE = "run flask --app microapp upgrade-db"
+_SCHEMA_READINESS = {
+    "current": "ok",
+    "empty": f"not initialised: {_UPGRADE}",
+    "release-1": f"made by release 1: {_UPGRADE}",
+    "behind": f"at revision {{revision}}, this code needs {{head}}: {_UPGRADE}",
+    "newer": "at revision {revision}, newer than this code ({head}): run the matching release",
+    "unrecognised": "not a database this code recognises: see flask --app microapp upgrade-db",
+}
+
+
 def readiness() -> dict[str, Any]:
     """Reachability of the database and Redis; degraded (still accepting) without Redis."""
     report: dict[str, Any] = {"mode": settings().mode}
     try:
-        version = dal.stored_schema_version()
-        if version is None:
-            report["database"] = "not initialised: run flask --app microapp init-db"
-        elif version != dal.SCHEMA_VERSION:
-            report["database"] = f"schema version {version}, expected {dal.SCHEMA_VERSION}"
-        else:
-            report["database"] = "ok"
+        with dal.connection() as conn:
+            state = dal.schema_state(conn)
+        report["database"] = _SCHEMA_READINESS[state.kind].format(
+            revision=state.revision, head=dal.SCHEMA_REVISION
+        )
     except SQLAlchemyError as exc:
         log.warning("readyz.database_unreachable", error=type(exc).__name__)
         report["database"] = "unreachable"

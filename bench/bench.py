@@ -501,7 +501,7 @@ class Bench:
 
         self.app = microapp.create_app()
         with self.app.app_context():
-            dal.init_db()  # SQLite is set up by create_app; PostgreSQL here
+            dal.upgrade_db()  # SQLite is set up by create_app; PostgreSQL here
         self.settings = self.app.extensions["mailslot.settings"]
 
         flask = str(BIN / "flask")

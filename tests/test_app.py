@@ -49,18 +49,6 @@ def test_readyz_answers_503_when_the_database_is_unreachable(overrides: dict[str
     assert response.json["database"] == "unreachable"
 
 
-def test_readyz_names_a_database_without_schema(overrides: dict[str, Any], tmp_path: Path) -> None:
-    app = microapp.create_app(**overrides)
-    with app.app_context():
-        import dal
-
-        with dal.transaction() as conn:
-            conn.execute(dal.meta.delete())
-    response = app.test_client().get("/readyz")
-    assert response.status_code == 503
-    assert "init-db" in response.json["database"]
-
-
 # --- error pages ------------------------------------------------------------------------------
 
 

@@ -7,7 +7,6 @@ import datetime as dt
 import pytest
 import sqlalchemy as sa
 from flask import Flask
-from flask.testing import FlaskCliRunner
 from sqlalchemy.exc import IntegrityError
 
 import dal
@@ -17,40 +16,6 @@ import dal
 def backend(request: pytest.FixtureRequest) -> str:
     """Every test here runs on both databases."""
     return request.param
-
-
-def test_init_db_twice_is_harmless(runner: FlaskCliRunner, app: Flask) -> None:
-    first = runner.invoke(args=["init-db"])
-    second = runner.invoke(args=["init-db"])
-    assert first.exit_code == 0
-    assert second.exit_code == 0
-    assert "The database is up to date." in second.output
-    with app.app_context():
-        assert dal.stored_schema_version() == dal.SCHEMA_VERSION
-        with dal.connection() as conn:
-            names = set(sa.inspect(conn).get_table_names())
-    assert {"users", "forms", "submissions", "deliveries", "api_tokens"} <= names
-
-
-def test_init_db_creates_missing_tables(runner: FlaskCliRunner, app: Flask) -> None:
-    with app.app_context(), dal.transaction() as conn:
-        dal.api_tokens.drop(conn)
-    result = runner.invoke(args=["init-db"])
-    assert result.exit_code == 0
-    assert "Initialised the database." in result.output
-
-
-def test_database_from_another_version_gives_a_clear_message(
-    runner: FlaskCliRunner, app: Flask
-) -> None:
-    with app.app_context(), dal.transaction() as conn:
-        conn.execute(sa.update(dal.meta).values(value="99"))
-    result = runner.invoke(args=["init-db"])
-    assert result.exit_code != 0
-    assert "schema version 99" in result.output
-    assert f"uses version {dal.SCHEMA_VERSION}" in result.output
-    with app.app_context(), dal.transaction() as conn:
-        conn.execute(sa.update(dal.meta).values(value=str(dal.SCHEMA_VERSION)))
 
 
 def test_emails_are_unique(app: Flask) -> None:
