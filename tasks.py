@@ -23,6 +23,8 @@ import threading
 import time
 import unicodedata
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parsedate_to_datetime
@@ -297,22 +299,6 @@ def fan_out(task_name: str, calls: list[list[Any]]) -> int:
     return len(calls) if published else 0
 
 
-@shared_task(autoretry_for=(OSError, smtplib.SMTPException), retry_backoff=30, max_retries=5)
-def send_confirmation_email(user_id: int, link: str) -> None:
-    """Mail an owner the link that confirms their address."""
-    with dal.connection() as conn:
-        user = dal.user_by_id(conn, user_id)
-    if user is None or user.email_confirmed_at is not None:
-        return
-    context = {"link": link, "email": user.email}
-    send_mail(
-        to=user.email,
-        subject="Confirm your Mailslot address",
-        text=render_template("email/confirm.txt", **context),
-        html=render_template("email/confirm.html", **context),
-    )
-
-
 @shared_task
 def deliver(delivery_id: int, attempts: int | None = None) -> str:
     """Send one outbox row (email or webhook). Safe to run twice: only one run claims the row.
@@ -328,18 +314,28 @@ def deliver(delivery_id: int, attempts: int | None = None) -> str:
         claimed = dal.claim_delivery(
             conn, delivery_id, settings.delivery_lease_seconds, expect_attempts=attempts
         )
-        context = dal.delivery_context(conn, delivery_id) if claimed else None
+        if claimed is None:
+            context = None
+        elif claimed.submission_id is None:
+            context = dal.account_delivery_context(conn, delivery_id)
+        else:
+            context = dal.delivery_context(conn, delivery_id)
     if claimed is None or context is None:
         log.info("delivery.skipped", reason="not claimable")
         return "skipped"
-    structlog.contextvars.bind_contextvars(
-        submission=context.submission_public_id, form=context.form_public_id
-    )
+    note = None
     try:
-        if context.kind == "email":
-            send_notification(context)
+        if claimed.submission_id is None:
+            structlog.contextvars.bind_contextvars(user=context.user_id, email=context.template)
+            note = send_account_email(context)
         else:
-            send_webhook(context)
+            structlog.contextvars.bind_contextvars(
+                submission=context.submission_public_id, form=context.form_public_id
+            )
+            if context.kind == "email":
+                send_notification(context)
+            else:
+                send_webhook(context)
     except PermanentFailure as exc:
         return _record_failure(context, str(exc), permanent=True, gone=exc.gone)
     except TemporaryFailure as exc:
@@ -348,8 +344,8 @@ def deliver(delivery_id: int, attempts: int | None = None) -> str:
         log.exception("delivery.error")
         return _record_failure(context, f"{type(exc).__name__}: {exc}")
     with dal.transaction() as conn:
-        dal.finish_delivery(conn, delivery_id, "done")
-    log.info("delivery.done", kind=context.kind, attempts=context.attempts)
+        dal.finish_delivery(conn, delivery_id, "done", error=note)
+    log.info("delivery.done", kind=context.kind, attempts=context.attempts, note=note)
     return "done"
 
 
@@ -696,6 +692,78 @@ def transmit_or_classify(message: EmailMessage) -> None:
         raise TemporaryFailure(text) from None
     except (smtplib.SMTPException, OSError) as exc:
         raise TemporaryFailure(f"SMTP: {type(exc).__name__}: {exc}") from None
+
+
+# =================================================================================================
+# Account emails
+# =================================================================================================
+# Each is an outbox row naming its account and its template: claimed, retried, listed and
+# replayed like a notification. Links are made from ids when the email is sent, so a row never
+# holds a token, and no email ever holds a password or a code.
+
+
+@dataclass(frozen=True)
+class AccountEmail:
+    """One kind of account email: its subject, its templates and what they are given."""
+
+    label: str  # what the owner's account page calls it
+    subject: str
+    template: str  # "email/<name>": .txt and .html
+    # The templates' values, or None when the email is no longer needed (the note says why).
+    values: Callable[[Any], dict[str, Any] | None]
+    skipped_note: str = ""
+    # Sent to the account's current address only (a row queued for an old address is dead).
+    to_account_address: bool = True
+
+
+def _confirm_values(context: Any) -> dict[str, Any] | None:
+    """A fresh confirmation link for the account's current address; None once confirmed."""
+    if context.user_confirmed_at is not None:
+        return None
+    link = services.confirmation_link(context.user_id, context.user_email)
+    return {"link": link, "email": context.user_email}
+
+
+def _account_exists_values(context: Any) -> dict[str, Any]:
+    """The address and where to log in (nothing secret: the person asking may not own it)."""
+    return {"email": context.user_email, "login_link": f"{services.settings().base_url}/login"}
+
+
+ACCOUNT_EMAILS: dict[str, AccountEmail] = {
+    "confirm_email": AccountEmail(
+        label="Address confirmation",
+        subject="Confirm your Mailslot address",
+        template="email/confirm",
+        values=_confirm_values,
+        skipped_note="not sent: the address was confirmed before it went out",
+    ),
+    "account_exists": AccountEmail(
+        label="Sign-up attempt with your address",
+        subject="Someone tried to sign up to Mailslot with your address",
+        template="email/account_exists",
+        values=_account_exists_values,
+    ),
+}
+
+
+def send_account_email(context: Any) -> str | None:
+    """Send one account email; a note when it was no longer needed and was not sent."""
+    spec = ACCOUNT_EMAILS.get(context.template)
+    if spec is None:
+        raise PermanentFailure(f"Mailslot has no account email called {context.template!r}")
+    if spec.to_account_address and context.target != context.user_email:
+        raise PermanentFailure("the account's address changed after this email was queued")
+    values = spec.values(context)
+    if values is None:
+        return spec.skipped_note
+    message = build_message(
+        to=context.target,
+        subject=spec.subject,
+        text=render_template(f"{spec.template}.txt", **values),
+        html=render_template(f"{spec.template}.html", **values),
+    )
+    transmit_or_classify(message)
+    return None
 
 
 # =================================================================================================
