@@ -982,14 +982,20 @@ def finish_delivery(
     conn.execute(sa.update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
 
 
+# What every delivery task reads of its own row, whatever the row belongs to.
+_DELIVERY_ROW = (
+    deliveries.c.id.label("delivery_id"),
+    deliveries.c.kind,
+    deliveries.c.target,
+    deliveries.c.attempts,
+)
+
+
 def delivery_context(conn: Connection, delivery_id: int) -> Row | None:
     """A delivery with its submission, form and owner, for building the message."""
     query = (
         sa.select(
-            deliveries.c.id.label("delivery_id"),
-            deliveries.c.kind,
-            deliveries.c.target,
-            deliveries.c.attempts,
+            *_DELIVERY_ROW,
             submissions.c.id.label("submission_id"),
             submissions.c.public_id.label("submission_public_id"),
             submissions.c.data,
@@ -1042,10 +1048,7 @@ def account_delivery_context(conn: Connection, delivery_id: int) -> Row | None:
     """An account email with its account, for building the message."""
     query = (
         sa.select(
-            deliveries.c.id.label("delivery_id"),
-            deliveries.c.kind,
-            deliveries.c.target,
-            deliveries.c.attempts,
+            *_DELIVERY_ROW,
             deliveries.c.template,
             deliveries.c.params,
             users.c.id.label("user_id"),
