@@ -152,7 +152,9 @@ deliveries = sa.Table(
     sa.Column("next_attempt_at", UTCDateTime, nullable=False, default=utcnow),
     sa.Column("last_error", sa.Text),
     sa.Column("updated_at", UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow),
-    sa.Column("user_id", sa.ForeignKey("users.id", ondelete="CASCADE")),
+    sa.Column(
+        "user_id", sa.ForeignKey("users.id", ondelete="CASCADE", name="deliveries_user_id_fkey")
+    ),
     # Which account email (a key of tasks.ACCOUNT_EMAILS); links are made when it is sent.
     sa.Column("template", sa.String(32)),
     # Whatever else that email needs: ids and names only, never a token, code or password.
@@ -161,7 +163,8 @@ deliveries = sa.Table(
     sa.Index("ix_deliveries_submission", "submission_id"),
     sa.Index("ix_deliveries_user", "user_id"),
     sa.CheckConstraint(
-        "submission_id IS NOT NULL OR user_id IS NOT NULL", name="ck_deliveries_belongs"
+        "submission_id IS NOT NULL OR user_id IS NOT NULL",
+        name="deliveries_submission_or_user_check",
     ),
 )
 
