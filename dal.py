@@ -165,11 +165,14 @@ submissions = sa.Table(
     sa.Index("ix_submissions_form_created", "form_id", "created_at", "is_spam"),
 )
 
+# The outbox: every email and webhook Mailslot sends. A row belongs to a submission (its
+# notification or webhook) or to an account (an account email: user_id and template set,
+# submission_id NULL); it goes with whichever it belongs to.
 deliveries = sa.Table(
     "deliveries",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("submission_id", sa.ForeignKey("submissions.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("submission_id", sa.ForeignKey("submissions.id", ondelete="CASCADE")),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("target", sa.String(2000), nullable=False),
     sa.Column("status", sa.String(16), nullable=False, default="pending"),
@@ -177,8 +180,20 @@ deliveries = sa.Table(
     sa.Column("next_attempt_at", UTCDateTime, nullable=False, default=utcnow),
     sa.Column("last_error", sa.Text),
     sa.Column("updated_at", UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow),
+    sa.Column(
+        "user_id", sa.ForeignKey("users.id", ondelete="CASCADE", name="deliveries_user_id_fkey")
+    ),
+    # Which account email (a key of tasks.ACCOUNT_EMAILS); links are made when it is sent.
+    sa.Column("template", sa.String(32)),
+    # Whatever else that email needs: ids and names only, never a token, code or password.
+    sa.Column("params", JSONType),
     sa.Index("ix_deliveries_due", "status", "next_attempt_at"),
     sa.Index("ix_deliveries_submission", "submission_id"),
+    sa.Index("ix_deliveries_user", "user_id"),
+    sa.CheckConstraint(
+        "submission_id IS NOT NULL OR user_id IS NOT NULL",
+        name="deliveries_submission_or_user_check",
+    ),
 )
 
 api_tokens = sa.Table(
@@ -1182,14 +1197,20 @@ def finish_delivery(
     conn.execute(sa.update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
 
 
+# What every delivery task reads of its own row, whatever the row belongs to.
+_DELIVERY_ROW = (
+    deliveries.c.id.label("delivery_id"),
+    deliveries.c.kind,
+    deliveries.c.target,
+    deliveries.c.attempts,
+)
+
+
 def delivery_context(conn: Connection, delivery_id: int) -> Row | None:
     """A delivery with its submission, form and owner, for building the message."""
     query = (
         sa.select(
-            deliveries.c.id.label("delivery_id"),
-            deliveries.c.kind,
-            deliveries.c.target,
-            deliveries.c.attempts,
+            *_DELIVERY_ROW,
             submissions.c.id.label("submission_id"),
             submissions.c.public_id.label("submission_public_id"),
             submissions.c.data,
@@ -1212,6 +1233,70 @@ def delivery_context(conn: Connection, delivery_id: int) -> Row | None:
         .where(deliveries.c.id == delivery_id)
     )
     return conn.execute(query).one_or_none()
+
+
+def insert_account_delivery(
+    conn: Connection,
+    user_id: int,
+    template: str,
+    target: str,
+    params: dict[str, Any] | None = None,
+) -> int:
+    """Queue one account email in the outbox, in the caller's transaction; its id."""
+    now = utcnow()
+    return conn.execute(
+        sa.insert(deliveries).values(
+            user_id=user_id,
+            kind="email",
+            template=template,
+            target=target,
+            params=params,
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            updated_at=now,
+        )
+    ).inserted_primary_key[0]
+
+
+def account_delivery_context(conn: Connection, delivery_id: int) -> Row | None:
+    """An account email with its account, for building the message."""
+    query = (
+        sa.select(
+            *_DELIVERY_ROW,
+            deliveries.c.template,
+            deliveries.c.params,
+            users.c.id.label("user_id"),
+            users.c.email.label("user_email"),
+            users.c.email_confirmed_at.label("user_confirmed_at"),
+        )
+        .join(users, users.c.id == deliveries.c.user_id)
+        .where(deliveries.c.id == delivery_id, deliveries.c.submission_id.is_(None))
+    )
+    return conn.execute(query).one_or_none()
+
+
+def account_deliveries(conn: Connection, user_id: int, limit: int = 20) -> list[Row]:
+    """The account emails of one owner, newest first."""
+    return list(
+        conn.execute(
+            sa.select(deliveries)
+            .where(deliveries.c.user_id == user_id, deliveries.c.submission_id.is_(None))
+            .order_by(deliveries.c.id.desc())
+            .limit(limit)
+        )
+    )
+
+
+def owned_account_delivery(conn: Connection, user_id: int, delivery_id: int) -> Row | None:
+    """One account email, only when it is this owner's."""
+    return conn.execute(
+        sa.select(deliveries).where(
+            deliveries.c.id == delivery_id,
+            deliveries.c.user_id == user_id,
+            deliveries.c.submission_id.is_(None),
+        )
+    ).one_or_none()
 
 
 def due_deliveries(conn: Connection, limit: int, push_back_seconds: int) -> list[tuple[int, int]]:

@@ -604,19 +604,18 @@ def index() -> str:
 
 @pages.route("/signup", methods=["GET", "POST"])
 def signup() -> Any:
-    """Create an account, send the confirmation email and log the new owner in."""
+    """Sign up, then log in: the same answer whether or not the address has an account."""
     form = forms.SignupForm()
     if request.method == "POST":
         _or_429(services.check_signup_rate, request.remote_addr)
     if form.validate_on_submit():
-        try:
-            user = services.sign_up(form.email.data, form.password.data)
-        except services.EmailTaken:
-            form.email.errors.append("An account with this email already exists. Log in instead.")
-        else:
-            _start_session(user)
-            flash(f"Welcome! We sent a confirmation link to {user.email}.", "success")
-            return redirect(url_for("pages.forms_index"))
+        services.sign_up(form.email.data, form.password.data)
+        flash(
+            f"Check your inbox at {services.normalise_email(form.email.data)} for a message "
+            "about your account, then log in.",
+            "success",
+        )
+        return redirect(url_for("pages.login"))
     status = 422 if form.errors else 200
     return render_template(
         "signup.html", form=form, min_password=app_settings().password_min_length
@@ -684,8 +683,23 @@ def confirm_email(token: str) -> Any:
 @pages.route("/account", methods=["GET"])
 @login_required
 def account() -> str:
-    """The owner's account: address, confirmation state."""
-    return render_template("account.html", resend_form=forms.ActionForm())
+    """The owner's account: address, confirmation state, the emails we sent about it."""
+    return render_template(
+        "account.html",
+        resend_form=forms.ActionForm(),
+        account_emails=services.account_emails(g.user.id),
+    )
+
+
+@pages.post("/account/emails/<int(max=2147483647):delivery_id>/replay")  # 32-bit ids in SQL
+@login_required
+def account_email_replay(delivery_id: int) -> Any:
+    """Send a done or dead account email again (links in it are made afresh)."""
+    if forms.ActionForm().validate_on_submit():
+        if not services.replay_account_email(g.user.id, delivery_id):
+            abort(404)
+        flash("The email is queued again.", "success")
+    return redirect(url_for("pages.account"))
 
 
 @pages.route("/account/tokens", methods=["GET", "POST"])
@@ -725,7 +739,7 @@ def account_token_revoke(token_id: int) -> Any:
 def resend_confirmation() -> Any:
     """Send the confirmation link again."""
     if forms.ActionForm().validate_on_submit():
-        if services.send_confirmation(g.user.id):
+        if _or_429(services.send_confirmation, g.user.id):
             flash(f"We sent a new confirmation link to {g.user.email}.", "success")
         else:
             flash("Your email address is already confirmed.", "info")

@@ -51,10 +51,6 @@ def settings() -> Any:
 # =================================================================================================
 
 
-class EmailTaken(ValueError):
-    """Sign-up with an address that already has an account."""
-
-
 def normalise_email(email: str) -> str:
     """Emails are stored and compared trimmed and lower-cased."""
     return email.strip().lower()
@@ -65,17 +61,63 @@ def hash_password(password: str) -> str:
     return generate_password_hash(password, method=settings().password_hash_method)
 
 
-def sign_up(email: str, password: str) -> dal.Row:
-    """Create an owner account and send the confirmation link."""
+ACCOUNT_EXISTS_EVERY = 3600  # at most one "someone tried to sign up" email per address per hour
+CONFIRMATION_RESENDS_PER_HOUR = 5
+
+
+def sign_up(email: str, password: str) -> None:
+    """Register an address, doing the same visible work whether or not it has an account.
+
+    A new address gets its account and a confirmation email. A taken one gets no account and
+    no answer that differs: its owner is told by email instead ("account_exists", at most one
+    per address per ACCOUNT_EXISTS_EVERY). The password is hashed in both cases, so both take
+    as long. Either way the only sending done here is putting a row in the outbox.
+    """
     email = normalise_email(email)
+    password_hash = hash_password(password)
     try:
         with dal.transaction() as conn:
-            user = dal.insert_user(conn, email, hash_password(password))
+            user = dal.insert_user(conn, email, password_hash)
+            delivery_id = queue_account_email(conn, user, "confirm_email")
     except IntegrityError:
-        raise EmailTaken(email) from None
-    log.info("account.created", user=user.id)
-    send_confirmation(user.id)
-    return user
+        delivery_id = _tell_existing_owner(email)
+    else:
+        log.info("account.created", user=user.id)
+    if delivery_id is not None:
+        dispatch_deliveries([(delivery_id, 0)])
+
+
+def _tell_existing_owner(email: str) -> int | None:
+    """Queue the "someone tried to sign up with your address" email, unless one went out in
+    the last hour; its delivery id."""
+    account = hashlib.sha256(email.encode()).hexdigest()[:24]
+    limit = dal.Limit(f"account-exists:{account}", 1, ACCOUNT_EXISTS_EVERY)
+    if dal.hit_limits([limit]).exceeded is not None:
+        log.info("signup.address_taken", told_owner=False)
+        return None
+    with dal.transaction() as conn:
+        user = dal.user_by_email(conn, email)
+        delivery_id = queue_account_email(conn, user, "account_exists") if user else None
+    log.info("signup.address_taken", told_owner=delivery_id is not None)
+    return delivery_id
+
+
+def queue_account_email(
+    conn: Any,
+    user: dal.Row,
+    template: str,
+    *,
+    to: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> int:
+    """Put one account email (a key of tasks.ACCOUNT_EMAILS) in the outbox, in the caller's
+    transaction, to the account's address unless ``to`` says otherwise; its delivery id.
+
+    The caller hands the id to ``dispatch_deliveries`` after the commit.
+    """
+    if template not in tasks.ACCOUNT_EMAILS:
+        raise ValueError(f"no account email called {template!r}")
+    return dal.insert_account_delivery(conn, user.id, template, to or user.email, params)
 
 
 def log_in(email: str, password: str, client_ip: str | None = None) -> dal.Row | None:
@@ -140,20 +182,78 @@ def _confirm_serializer() -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(current_app.secret_key, salt="mailslot.confirm-email")
 
 
-def confirmation_link(user: dal.Row) -> str:
-    """A signed, expiring link that confirms this owner's current address."""
-    token = _confirm_serializer().dumps({"uid": user.id, "email": user.email})
+def confirmation_link(user_id: int, email: str) -> str:
+    """A signed, expiring link that confirms this address for this owner (made at send time)."""
+    token = _confirm_serializer().dumps({"uid": user_id, "email": email})
     return f"{settings().base_url}/confirm/{token}"
 
 
 def send_confirmation(user_id: int) -> bool:
-    """Mail the confirmation link; False when the address is already confirmed."""
+    """Queue a new confirmation email; False when the address is already confirmed.
+
+    RateLimited past CONFIRMATION_RESENDS_PER_HOUR for one account: the address may be
+    someone else's, typed by whoever made the account.
+    """
+    limit = dal.Limit(f"confirm-resend:{user_id}", CONFIRMATION_RESENDS_PER_HOUR, 3600)
     with dal.connection() as conn:
         user = dal.user_by_id(conn, user_id)
     if user is None or user.email_confirmed_at is not None:
         return False
-    tasks.enqueue(tasks.send_confirmation_email, user.id, confirmation_link(user))
+    state = dal.hit_limits([limit])
+    if state.exceeded is not None:
+        raise RateLimited(state.retry_after)
+    with dal.transaction() as conn:
+        delivery_id = queue_account_email(conn, user, "confirm_email")
+    dispatch_deliveries([(delivery_id, 0)])
     return True
+
+
+@dataclass(frozen=True)
+class AccountEmailRecord:
+    """One account email as the owner's account page lists it."""
+
+    id: int
+    label: str
+    target: str
+    status: str
+    attempts: int
+    last_error: str | None
+    updated_at: dt.datetime
+
+    @property
+    def replayable(self) -> bool:
+        """Done and dead emails can be sent again."""
+        return self.status in ("done", "dead")
+
+
+def account_emails(user_id: int) -> list[AccountEmailRecord]:
+    """The owner's most recent account emails, newest first."""
+    with dal.connection() as conn:
+        rows = dal.account_deliveries(conn, user_id)
+    return [
+        AccountEmailRecord(
+            id=row.id,
+            label=spec.label if (spec := tasks.ACCOUNT_EMAILS.get(row.template)) else row.template,
+            target=row.target,
+            status=row.status,
+            attempts=row.attempts,
+            last_error=row.last_error,
+            updated_at=row.updated_at,
+        )
+        for row in rows
+    ]
+
+
+def replay_account_email(user_id: int, delivery_id: int) -> bool:
+    """Send one of the owner's done or dead account emails again (with fresh links); False if
+    there is none to replay."""
+    with dal.transaction() as conn:
+        row = dal.owned_account_delivery(conn, user_id, delivery_id)
+        replayed = row is not None and dal.requeue_delivery(conn, delivery_id)
+    if replayed:
+        log.info("account_email.replayed", user=user_id, delivery_id=delivery_id)
+        dispatch_deliveries([(delivery_id, row.attempts)])
+    return replayed
 
 
 def confirm_email(token: str) -> str:

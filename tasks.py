@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import email.errors
+import email.policy
 import http.client
 import json
 import os
@@ -19,11 +21,16 @@ import socket
 import ssl
 import threading
 import time
+import unicodedata
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formataddr, formatdate, getaddresses, make_msgid, parsedate_to_datetime
+from email.utils import formatdate, make_msgid, parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
+import email_validator
 import structlog
 from celery import Celery, Task, shared_task
 from celery.signals import setup_logging, task_postrun, task_prerun
@@ -292,22 +299,6 @@ def fan_out(task_name: str, calls: list[list[Any]]) -> int:
     return len(calls) if published else 0
 
 
-@shared_task(autoretry_for=(OSError, smtplib.SMTPException), retry_backoff=30, max_retries=5)
-def send_confirmation_email(user_id: int, link: str) -> None:
-    """Mail an owner the link that confirms their address."""
-    with dal.connection() as conn:
-        user = dal.user_by_id(conn, user_id)
-    if user is None or user.email_confirmed_at is not None:
-        return
-    context = {"link": link, "email": user.email}
-    send_mail(
-        to=user.email,
-        subject="Confirm your Mailslot address",
-        text=render_template("email/confirm.txt", **context),
-        html=render_template("email/confirm.html", **context),
-    )
-
-
 @shared_task
 def deliver(delivery_id: int, attempts: int | None = None) -> str:
     """Send one outbox row (email or webhook). Safe to run twice: only one run claims the row.
@@ -323,18 +314,28 @@ def deliver(delivery_id: int, attempts: int | None = None) -> str:
         claimed = dal.claim_delivery(
             conn, delivery_id, settings.delivery_lease_seconds, expect_attempts=attempts
         )
-        context = dal.delivery_context(conn, delivery_id) if claimed else None
+        if claimed is None:
+            context = None
+        elif claimed.submission_id is None:
+            context = dal.account_delivery_context(conn, delivery_id)
+        else:
+            context = dal.delivery_context(conn, delivery_id)
     if claimed is None or context is None:
         log.info("delivery.skipped", reason="not claimable")
         return "skipped"
-    structlog.contextvars.bind_contextvars(
-        submission=context.submission_public_id, form=context.form_public_id
-    )
+    note = None
     try:
-        if context.kind == "email":
-            send_notification(context)
+        if claimed.submission_id is None:
+            structlog.contextvars.bind_contextvars(user=context.user_id, email=context.template)
+            note = send_account_email(context)
         else:
-            send_webhook(context)
+            structlog.contextvars.bind_contextvars(
+                submission=context.submission_public_id, form=context.form_public_id
+            )
+            if context.kind == "email":
+                send_notification(context)
+            else:
+                send_webhook(context)
     except PermanentFailure as exc:
         return _record_failure(context, str(exc), permanent=True, gone=exc.gone)
     except TemporaryFailure as exc:
@@ -343,8 +344,8 @@ def deliver(delivery_id: int, attempts: int | None = None) -> str:
         log.exception("delivery.error")
         return _record_failure(context, f"{type(exc).__name__}: {exc}")
     with dal.transaction() as conn:
-        dal.finish_delivery(conn, delivery_id, "done")
-    log.info("delivery.done", kind=context.kind, attempts=context.attempts)
+        dal.finish_delivery(conn, delivery_id, "done", error=note)
+    log.info("delivery.done", kind=context.kind, attempts=context.attempts, note=note)
     return "done"
 
 
@@ -442,26 +443,213 @@ def sweep(*, inline: bool, limit: int = 500) -> int:
 
 
 # =================================================================================================
+# Header values: decoded, then flattened or refused, before any message is built
+# =================================================================================================
+# Python's email package decodes RFC 2047 encoded words in a header value it is given, so a
+# value with no CR or LF can still become several headers once it is set (CVE-2024-6923). Every
+# value bound for a header is therefore decoded here first, exactly as the package would read
+# it, and only then judged: text is flattened to one line, an address is taken or refused whole.
+
+SUBJECT_MAX_LENGTH = 200
+DISPLAY_NAME_MAX_LENGTH = 100
+_DECODE_ROUNDS = 4  # an encoded word may carry another one; more nesting than this is refused
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+_LINE_LIKE = frozenset({"Cc", "Zl", "Zp"})
+_STRICT_PARSE = email.policy.default.clone(raise_on_defect=True)
+
+
+class UnsafeMessage(PermanentFailure):
+    """A message whose headers are not exactly the ones we set, or lack a usable address.
+
+    Permanent: the same values would fail the same way on every attempt.
+    """
+
+
+def _without_surrogates(text: str) -> str:
+    """``text`` without lone surrogates (no encoding can carry them)."""
+    return "".join(ch for ch in text if not "\ud800" <= ch <= "\udfff")
+
+
+def _parsed_unstructured(text: str) -> str | None:
+    """What the email package makes of ``text`` as a header value; None if it cannot."""
+    try:
+        return str(email.policy.default.header_factory("subject", text))
+    except Exception:  # noqa: BLE001 - hostile input: whatever the parser chokes on is refused
+        return None
+
+
+def _decoded(value: Any) -> str | None:
+    """A string with its encoded words decoded until none is left, NFC; None if unreadable."""
+    if not isinstance(value, str):
+        return None
+    text = _without_surrogates(value)
+    for _ in range(_DECODE_ROUNDS):
+        decoded = _parsed_unstructured(text)
+        if decoded is None:
+            return None
+        decoded = _without_surrogates(decoded)  # undecodable bytes come back as surrogates
+        if decoded == text:
+            return unicodedata.normalize("NFC", text)
+        text = decoded
+    return None
+
+
+def _flatten(text: str) -> str:
+    """One line: line breaks, other control characters and separators become single spaces,
+    bidirectional overrides go."""
+    kept = (
+        " " if unicodedata.category(ch) in _LINE_LIKE else ch
+        for ch in text
+        if ch not in _BIDI_CONTROLS
+    )
+    return " ".join("".join(kept).split())
+
+
+def header_text(value: Any, max_length: int = SUBJECT_MAX_LENGTH) -> str | None:
+    """A value fit for an unstructured header (Subject, a display name), or None when nothing
+    usable is left.
+
+    Encoded words are decoded (nested ones too), the text is normalised (NFC) and flattened to
+    one line of at most ``max_length`` characters, and what still looks like an encoded word
+    (unknown charset, bad encoding) is broken up ("=?" -> "= ?") so that no reader decodes it
+    later. The result reads back unchanged through the email package.
+    """
+    decoded = _decoded(value)
+    if decoded is None:
+        return None
+    text = _flatten(decoded).replace("=?", "= ?")[:max_length].rstrip()
+    if not text or _parsed_unstructured(text) != text:
+        return None
+    return text
+
+
+def _single_mailbox(value: Any) -> tuple[str, str] | None:
+    """(display name, addr-spec) when ``value`` decodes to exactly one mailbox, else None.
+
+    Refused rather than repaired: line breaks or other control characters anywhere, groups,
+    several addresses, anything the address parser finds a defect in.
+    """
+    if isinstance(value, str) and _without_surrogates(value) != value:
+        return None  # an address is taken whole or not at all
+    text = _decoded(value)
+    if text is None:
+        return None
+    text = text.strip()
+    if not text or any(
+        unicodedata.category(ch) in _LINE_LIKE or ch in _BIDI_CONTROLS for ch in text
+    ):
+        return None
+    try:
+        header = email.policy.default.header_factory("reply-to", text)
+        groups = header.groups
+    except Exception:  # noqa: BLE001 - hostile input: whatever the parser chokes on is refused
+        return None
+    if header.defects or len(groups) != 1 or groups[0].display_name is not None:
+        return None
+    if len(groups[0].addresses) != 1:
+        return None
+    mailbox = groups[0].addresses[0]
+    if not mailbox.addr_spec or any(ch.isspace() for ch in mailbox.addr_spec):
+        return None
+    return mailbox.display_name, mailbox.addr_spec
+
+
+def header_address(value: Any, *, checked: bool = True) -> str | None:
+    """One bare address for To or Reply-To, or None.
+
+    ``value`` must decode to exactly one mailbox; its display name is dropped (a submitter's
+    name is no one's business in a header, and ``"boss@bank.example" <eve@…>`` is a trick).
+    ``checked`` (submitted values) also requires an address email-validator accepts, with no
+    quoted local part, IP literal or non-ASCII local part; the domain comes back in ASCII.
+    Stored addresses (the owner's, validated at sign-up) need only the mailbox shape.
+    """
+    mailbox = _single_mailbox(value)
+    if mailbox is None:
+        return None
+    address = mailbox[1]
+    if not checked:
+        return address if address.count("@") == 1 else None
+    try:
+        valid = email_validator.validate_email(
+            address,
+            check_deliverability=False,
+            allow_smtputf8=False,
+            allow_quoted_local=False,
+            allow_domain_literal=False,
+        )
+    except email_validator.EmailNotValidError:
+        return None
+    return valid.ascii_email
+
+
+def sender_address(mail_from: str) -> Address | None:
+    """MAIL_FROM as a From header: one mailbox, its display name flattened; None if unusable."""
+    mailbox = _single_mailbox(mail_from)
+    if mailbox is None or mailbox[1].count("@") != 1:
+        return None
+    name = header_text(mailbox[0], DISPLAY_NAME_MAX_LENGTH) or ""
+    try:
+        return Address(display_name=name, addr_spec=mailbox[1])
+    except (ValueError, IndexError, email.errors.HeaderParseError):
+        return None
+
+
+def _squeezed(text: str) -> str:
+    """``text`` without any whitespace."""
+    return "".join(text.split())
+
+
+def check_serialised(message: EmailMessage) -> bytes:
+    """The message's bytes, once they are shown to hold exactly the headers that were set.
+
+    Defence in depth: the bytes are parsed back (strictly, and by the lenient legacy parser a
+    receiver may use) and must name the same headers, once each, with the same values and no
+    line break inside any of them. Anything else raises UnsafeMessage.
+    """
+    raw = bytes(message)
+    expected = sorted(name.lower() for name in message)
+    try:
+        strict = email.message_from_bytes(raw, policy=_STRICT_PARSE)
+    except (email.errors.MessageError, ValueError) as exc:
+        raise UnsafeMessage(f"the message does not parse back: {exc}") from None
+    legacy = email.message_from_bytes(raw)
+    for reader in (strict, legacy):
+        found = sorted(name.lower() for name in reader)
+        if found != expected:
+            raise UnsafeMessage(f"the message would carry {found}, not {expected}")
+    for name in message:
+        value = str(strict[name])
+        # The email package's folding may move the value to the next line, or lose the space
+        # between two encoded words (a known bug): compare the text without its spaces.
+        if _squeezed(value) != _squeezed(str(message[name])) or "\r" in value or "\n" in value:
+            raise UnsafeMessage(f"the {name} header does not read back as it was set")
+    return raw
+
+
+# =================================================================================================
 # Notification email
 # =================================================================================================
 
 
 def reply_to_address(meta: dict[str, Any], data: dict[str, Any]) -> str | None:
-    """Reply-To from _replyto or an ``email`` field, only when it is exactly one plain address."""
-    candidate = meta.get("reply_to") or data.get("email")
-    if not isinstance(candidate, str) or "\r" in candidate or "\n" in candidate:
-        return None
-    addresses = getaddresses([candidate])
-    if len(addresses) != 1:
-        return None
-    name, address = addresses[0]
-    if not address or address.count("@") != 1 or " " in address or "," in candidate:
-        return None
-    return formataddr((name, address)) if name else address
+    """Reply-To from _replyto, else from an ``email`` field: the first that is exactly one
+    usable address (see ``header_address``)."""
+    for candidate in (meta.get("reply_to"), data.get("email")):
+        address = header_address(candidate)
+        if address:
+            return address
+    return None
 
 
 def send_notification(context: Any) -> None:
-    """Email the form's owner about one submission, only ever to the confirmed address."""
+    """Email the form's owner about one submission, only ever to the confirmed address.
+
+    A submitter's subject or reply address that cannot be used is left out, never the email:
+    if the checked message still does not read back as built, it goes with Mailslot's own
+    subject and no Reply-To.
+    """
     if context.owner_confirmed_at is None or context.target != context.owner_email:
         raise PermanentFailure("the owner's address is not confirmed (or changed)")
     settings = services.settings()
@@ -475,23 +663,108 @@ def send_notification(context: Any) -> None:
         "received_at": context.created_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "link": link,
     }
-    subject = context.meta.get("subject") or f"New submission: {context.form_name}"
+    default_subject = header_text(f"New submission: {context.form_name}") or "New submission"
+    parts = {
+        "to": context.owner_email,
+        "text": render_template("email/submission.txt", **values),
+        "html": render_template("email/submission.html", **values),
+    }
     try:
-        send_mail(
-            to=context.owner_email,
-            subject=subject,
-            text=render_template("email/submission.txt", **values),
-            html=render_template("email/submission.html", **values),
+        message = build_message(
+            subject=header_text(context.meta.get("subject")) or default_subject,
             reply_to=reply_to_address(context.meta, context.data),
+            **parts,
         )
+    except UnsafeMessage as exc:
+        log.warning("mail.submitted_headers_dropped", reason=str(exc)[:300])
+        message = build_message(subject="New submission", **parts)
+    transmit_or_classify(message)
+
+
+def transmit_or_classify(message: EmailMessage) -> None:
+    """Send a built message; SMTP refusals become Permanent- or TemporaryFailure."""
+    try:
+        transmit(message)
     except smtplib.SMTPRecipientsRefused as exc:
         codes = [code for code, _ in exc.recipients.values()]
-        message = f"recipient refused: {codes}"
+        text = f"recipient refused: {codes}"
         if codes and all(code >= 500 for code in codes):
-            raise PermanentFailure(message) from None
-        raise TemporaryFailure(message) from None
+            raise PermanentFailure(text) from None
+        raise TemporaryFailure(text) from None
     except (smtplib.SMTPException, OSError) as exc:
         raise TemporaryFailure(f"SMTP: {type(exc).__name__}: {exc}") from None
+
+
+# =================================================================================================
+# Account emails
+# =================================================================================================
+# Each is an outbox row naming its account and its template: claimed, retried, listed and
+# replayed like a notification. Links are made from ids when the email is sent, so a row never
+# holds a token, and no email ever holds a password or a code.
+
+
+@dataclass(frozen=True)
+class AccountEmail:
+    """One kind of account email: its subject, its templates and what they are given."""
+
+    label: str  # what the owner's account page calls it
+    subject: str
+    template: str  # "email/<name>": .txt and .html
+    # The templates' values, or None when the email is no longer needed (the note says why).
+    values: Callable[[Any], dict[str, Any] | None]
+    skipped_note: str = ""
+    # Sent to the account's current address only (a row queued for an old address is dead).
+    to_account_address: bool = True
+
+
+def _confirm_values(context: Any) -> dict[str, Any] | None:
+    """A fresh confirmation link for the account's current address; None once confirmed."""
+    if context.user_confirmed_at is not None:
+        return None
+    link = services.confirmation_link(context.user_id, context.user_email)
+    return {"link": link, "email": context.user_email}
+
+
+def _account_exists_values(context: Any) -> dict[str, Any]:
+    """The address and where to log in (nothing secret: the person asking may not own it)."""
+    return {"email": context.user_email, "login_link": f"{services.settings().base_url}/login"}
+
+
+ACCOUNT_EMAILS: dict[str, AccountEmail] = {
+    "confirm_email": AccountEmail(
+        label="Address confirmation",
+        subject="Confirm your Mailslot address",
+        template="email/confirm",
+        values=_confirm_values,
+        skipped_note="not sent: the address was confirmed before it went out",
+    ),
+    "account_exists": AccountEmail(
+        label="Sign-up attempt with your address",
+        subject="Someone tried to sign up to Mailslot with your address",
+        template="email/account_exists",
+        values=_account_exists_values,
+    ),
+}
+
+
+def send_account_email(context: Any) -> str | None:
+    """Send one account email; a note when it was no longer needed and was not sent."""
+    spec = ACCOUNT_EMAILS.get(context.template)
+    if spec is None:
+        raise PermanentFailure(f"Mailslot has no account email called {context.template!r}")
+    if spec.to_account_address and context.target != context.user_email:
+        raise PermanentFailure("the account's address changed after this email was queued")
+    values = spec.values(context)
+    if values is None:
+        return spec.skipped_note
+    message = build_message(
+        to=context.target,
+        subject=spec.subject,
+        text=render_template(f"{spec.template}.txt", **values),
+        html=render_template(f"{spec.template}.html", **values),
+    )
+    transmit_or_classify(message)
+    return None
 
 
 # =================================================================================================
@@ -638,41 +911,54 @@ def send_webhook(context: Any) -> None:
 # =================================================================================================
 
 
-def _clean_header(value: str) -> str:
-    """No CR or LF can reach a header, whatever a submitter typed."""
-    return " ".join(value.replace("\r", " ").replace("\n", " ").split())
-
-
 def build_message(
     *, to: str, subject: str, text: str, html: str | None = None, reply_to: str | None = None
 ) -> EmailMessage:
-    """A text (and optional HTML) message from MAIL_FROM."""
+    """A text (and optional HTML) message from MAIL_FROM, every header value checked first.
+
+    Each value goes through ``header_text`` or ``header_address`` before the message exists:
+    an unusable subject becomes "Mailslot", an unusable Reply-To is left out, and an unusable
+    sender or recipient raises UnsafeMessage. The bytes are then read back (``check_serialised``).
+    """
     settings = services.settings()
+    sender = sender_address(settings.mail_from)
+    if sender is None:
+        raise UnsafeMessage("MAIL_FROM is not one usable address; fix the setting")
+    recipient = header_address(to, checked=False)
+    if recipient is None:
+        raise UnsafeMessage("the recipient is not one usable address")
     message = EmailMessage()
-    message["From"] = settings.mail_from
-    message["To"] = _clean_header(to)
-    message["Subject"] = _clean_header(subject)
+    message["From"] = sender
+    message["To"] = Address(addr_spec=recipient)
+    message["Subject"] = header_text(subject) or "Mailslot"
     message["Date"] = formatdate(localtime=False)
     message["Message-ID"] = make_msgid(domain="mailslot")
-    if reply_to:
-        message["Reply-To"] = _clean_header(reply_to)
+    reply_address = header_address(reply_to)
+    if reply_address:
+        message["Reply-To"] = Address(addr_spec=reply_address)
     message.set_content(text)
     if html is not None:
         message.add_alternative(html, subtype="html")
+    check_serialised(message)
     return message
 
 
 def send_mail(
     *, to: str, subject: str, text: str, html: str | None = None, reply_to: str | None = None
 ) -> EmailMessage:
-    """Send through the configured backend: SMTP, or the console (log + .eml in the outbox)."""
+    """Build a message and send it through the configured backend."""
     message = build_message(to=to, subject=subject, text=text, html=html, reply_to=reply_to)
+    transmit(message)
+    return message
+
+
+def transmit(message: EmailMessage) -> None:
+    """Send a built message: SMTP, or the console (log + .eml in the outbox)."""
     settings = services.settings()
     if settings.mail_backend == "smtp":
         _send_smtp(settings, message)
     else:
         _write_outbox(settings, message)
-    return message
 
 
 def _write_outbox(settings: Settings, message: EmailMessage) -> None:
@@ -692,5 +978,10 @@ def _send_smtp(settings: Settings, message: EmailMessage) -> None:
             s.starttls(context=ssl.create_default_context())
         if settings.smtp_username:
             s.login(settings.smtp_username, settings.smtp_password.get_secret_value())
-        s.send_message(message)
+        # The envelope names exactly the checked sender and recipient, whatever the headers say.
+        s.send_message(
+            message,
+            from_addr=message["From"].addresses[0].addr_spec,
+            to_addrs=[message["To"].addresses[0].addr_spec],
+        )
     log.info("mail.sent", to=message["To"], subject=message["Subject"])

@@ -518,11 +518,14 @@ class Bench:
 
     def create_owner_and_forms(self) -> None:
         """A confirmed owner; an intake form with notify + webhook; the big forms."""
+        import dal
         import services
 
         with self.app.app_context():
-            user = services.sign_up(self.owner_email, self.owner_password)
-            token = services.confirmation_link(user).rsplit("/", 1)[1]
+            services.sign_up(self.owner_email, self.owner_password)
+            with dal.connection() as conn:
+                user = dal.user_by_email(conn, services.normalise_email(self.owner_email))
+            token = services.confirmation_link(user.id, user.email).rsplit("/", 1)[1]
             if services.confirm_email(token) != "confirmed":
                 raise RuntimeError("could not confirm the bench owner's address")
             hook = f"http://127.0.0.1:{self.down.http_port}/hook"

@@ -216,10 +216,17 @@ class AuthActions:
         self.app = app
 
     def signup(self, email: str = "owner@example.com", password: str = PASSWORD) -> Any:
-        """Create an account (and log in) through /signup."""
-        return post_form(
+        """Create an account through /signup, then log in through /login, as a person does:
+        afterwards the account exists, is unconfirmed, and this client is logged in.
+
+        The answer of /signup (the same whether or not the address was free).
+        """
+        response = post_form(
             self.client, "/signup", {"email": email, "password": password, "confirm": password}
         )
+        if response.status_code == 302:
+            self.login(email, password)
+        return response
 
     def login(self, email: str = "owner@example.com", password: str = PASSWORD) -> Any:
         """Log in through /login."""

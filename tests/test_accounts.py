@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import time
+from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
 import dal
+import services
 from conftest import PASSWORD, AuthActions, csrf_token, message_text, post_form, read_outbox
 
 
@@ -31,13 +34,19 @@ def test_signup_page_shows_the_form(client: FlaskClient) -> None:
     assert 'name="csrf_token"' in page
 
 
-def test_signup_creates_the_account_logs_in_and_mails_a_confirmation(
-    client: FlaskClient, app: Flask, auth: AuthActions
+def test_signup_creates_the_account_and_mails_a_confirmation(
+    client: FlaskClient, app: Flask
 ) -> None:
-    response = auth.signup("New.Owner@Example.com ")
+    response = post_form(
+        client,
+        "/signup",
+        {"email": "New.Owner@Example.com ", "password": PASSWORD, "confirm": PASSWORD},
+    )
     assert response.status_code == 302
-    assert response.headers["Location"] == "/forms"
-    assert "Your forms" in client.get("/forms").get_data(as_text=True)
+    assert response.headers["Location"] == "/login"
+    page = client.get("/login").get_data(as_text=True)
+    assert "Check your inbox at new.owner@example.com for a message about your account" in page
+    assert client.get("/forms").status_code == 302  # not logged in until the person logs in
     user = user_row(app, "new.owner@example.com")
     assert user.email_confirmed_at is None
     assert user.password_hash.startswith("pbkdf2:sha256:1000$")
@@ -45,6 +54,15 @@ def test_signup_creates_the_account_logs_in_and_mails_a_confirmation(
     assert message["To"] == "new.owner@example.com"
     assert message["Subject"] == "Confirm your Mailslot address"
     assert "http://mailslot.test/confirm/" in message_text(message)
+    assert PASSWORD not in message.as_string()
+
+
+def test_the_auth_helper_signs_up_then_logs_in(
+    auth: AuthActions, client: FlaskClient, app: Flask
+) -> None:
+    assert auth.signup().status_code == 302
+    assert "Your forms" in client.get("/forms").get_data(as_text=True)
+    assert user_row(app).email_confirmed_at is None
 
 
 @pytest.mark.parametrize(
@@ -77,14 +95,118 @@ def test_signup_refuses_invalid_input_with_a_message(
     assert read_outbox(app) == []
 
 
-def test_signup_with_a_taken_email_says_so(auth: AuthActions, client: FlaskClient) -> None:
+def session_of(app: Flask, client: FlaskClient) -> dict[str, Any]:
+    """The decoded session cookie of a client (empty when it has none)."""
+    cookie = client.get_cookie("mailslot_session")
+    if cookie is None:
+        return {}
+    serializer = app.session_interface.get_signing_serializer(app)  # type: ignore[attr-defined]
+    return dict(serializer.loads(cookie.value))
+
+
+def signup_answer(app: Flask, email: str, password: str = PASSWORD) -> dict[str, Any]:
+    """Everything a person signing up from a fresh browser can observe, the address masked."""
+    client = app.test_client()
+    response = post_form(
+        client, "/signup", {"email": email, "password": password, "confirm": password}
+    )
+    masked = services.normalise_email(email)
+    cookies = sorted(
+        re.sub(r"=[^;]*", "=<value>", header, count=1)
+        for header in response.headers.getlist("Set-Cookie")
+    )
+    session = session_of(app, client)
+    flashes = [
+        (category, text.replace(masked, "<address>"))
+        for category, text in session.get("_flashes", [])
+    ]
+    return {
+        "status": response.status_code,
+        "location": response.headers.get("Location"),
+        "body": response.get_data(as_text=True).replace(masked, "<address>"),
+        "cookies": cookies,
+        "session_keys": sorted(session),
+        "flashes": flashes,
+        "logged_in": client.get("/forms").status_code == 200,
+    }
+
+
+def test_signup_with_a_taken_address_answers_exactly_like_a_new_one(
+    auth: AuthActions, app: Flask
+) -> None:
     auth.signup()
     auth.logout()
-    response = auth.signup("OWNER@example.com")
-    assert response.status_code == 422
-    assert "An account with this email already exists. Log in instead." in response.get_data(
-        as_text=True
+    taken = signup_answer(app, "OWNER@example.com")
+    fresh = signup_answer(app, "someone.new@example.com")
+    assert taken == fresh
+    assert taken["location"] == "/login"
+    assert taken["logged_in"] is False
+    assert "uid" not in taken["session_keys"]
+
+
+def test_signup_with_a_taken_address_tells_the_owner_by_email_instead(
+    auth: AuthActions, app: Flask
+) -> None:
+    auth.signup()
+    auth.logout()
+    signup_answer(app, "owner@example.com", "a different password")
+    confirmation, notice = read_outbox(app)
+    assert confirmation["Subject"] == "Confirm your Mailslot address"
+    assert notice["To"] == "owner@example.com"
+    assert notice["Subject"] == "Someone tried to sign up to Mailslot with your address"
+    text = message_text(notice)
+    assert "already has one" in text
+    assert "http://mailslot.test/login" in text
+    assert "a different password" not in notice.as_string()
+    assert PASSWORD not in notice.as_string()
+    assert "/confirm/" not in text  # nothing in it lets the sender into the account
+
+
+def test_signup_with_a_taken_address_changes_nothing_about_the_account(
+    auth: AuthActions, app: Flask
+) -> None:
+    auth.signup()
+    auth.logout()
+    before = user_row(app)
+    signup_answer(app, "owner@example.com", "a different password")
+    after = user_row(app)
+    assert (after.id, after.password_hash, after.session_version) == (
+        before.id,
+        before.password_hash,
+        before.session_version,
     )
+    assert auth.login("owner@example.com", "a different password").status_code == 422
+    assert auth.login().status_code == 302
+
+
+def test_the_owner_is_told_at_most_once_an_hour(
+    auth: AuthActions, app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auth.signup()
+    auth.logout()
+    for _ in range(3):
+        signup_answer(app, "owner@example.com")
+    assert [m["Subject"] for m in read_outbox(app)][1:] == [
+        "Someone tried to sign up to Mailslot with your address"
+    ]
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 2 * 3600 + 5)
+    signup_answer(app, "owner@example.com")
+    assert len(read_outbox(app)) == 3
+
+
+def test_both_sign_up_answers_hash_the_password(
+    auth: AuthActions, app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No timed assertion: the costly step, hashing, must run whether or not the address is free.
+    auth.signup()
+    auth.logout()
+    hashed: list[str] = []
+    real_hash = services.hash_password
+    monkeypatch.setattr(services, "hash_password", lambda p: hashed.append(p) or real_hash(p))
+    signup_answer(app, "owner@example.com", "taken address pw")
+    signup_answer(app, "free@example.com", "free address pw")
+    assert hashed == ["taken address pw", "free address pw"]
 
 
 def test_signup_error_keeps_what_was_typed_but_not_the_password(client: FlaskClient) -> None:
@@ -138,6 +260,11 @@ def test_real_csrf_token_round_trip_signup_login_logout(client: FlaskClient, app
         },
     )
     assert response.status_code == 302
+    token = csrf_token(client, "/login")
+    response = client.post(
+        "/login", data={"email": "real@example.com", "password": PASSWORD, "csrf_token": token}
+    )
+    assert response.headers["Location"] == "/forms"
     token = csrf_token(client, "/account")
     assert client.post("/logout", data={"csrf_token": token}).status_code == 302
     assert client.get("/forms").status_code == 302

@@ -251,8 +251,9 @@ def test_owner_signs_up_confirms_logs_in_and_builds_a_form(page: Any, live: Live
     page.get_by_label("Password", exact=True).fill(PASSWORD)
     page.get_by_label("Confirm password").fill(PASSWORD)
     page.get_by_role("button", name="Sign up").click()
-    page.wait_for_url(f"{live.url}/forms")
-    assert "We sent a confirmation link" in page.locator(".flash").inner_text()
+    page.wait_for_url(f"{live.url}/login")
+    assert "Check your inbox at owner@example.com" in page.locator(".flash").inner_text()
+    log_in(page, live)
     assert "You have no forms yet" in page.locator(".empty").inner_text()
 
     link = confirmation_link(read_outbox(live.app)[-1])

@@ -170,7 +170,8 @@ def test_header_injection_through_replyto_yields_one_recipient_and_no_bcc(
     ("meta", "data", "expected"),
     [
         ({"reply_to": "a@example.org"}, {}, "a@example.org"),
-        ({}, {"email": "Ada <ada@example.org>"}, "Ada <ada@example.org>"),
+        ({}, {"email": "Ada <ada@example.org>"}, "ada@example.org"),  # the name is dropped
+        ({"reply_to": "not one"}, {"email": "ada@example.org"}, "ada@example.org"),
         ({}, {"email": "a@example.org, b@example.org"}, None),
         ({}, {"email": "not an address"}, None),
         ({"reply_to": "a@example.org\nBcc: b@example.org"}, {}, None),

@@ -131,8 +131,8 @@ def test_headers_cannot_be_injected_through_subject_or_reply_to(app: Flask) -> N
             reply_to="a@example.com\r\nBcc: victim@example.com",
         )
     assert message["Bcc"] is None
-    assert "\n" not in message["Subject"]
-    assert "\n" not in message["Reply-To"]
+    assert message["Subject"] == "Hi Bcc: victim@example.com"
+    assert message["Reply-To"] is None  # not one address: left out, the message still goes
 
 
 # --- the web process's publisher ----------------------------------------------------------------
