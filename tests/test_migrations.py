@@ -43,9 +43,16 @@ from conftest import (
 
 PROJECT = Path(__file__).resolve().parent.parent
 RELEASE_1_SCHEMA = Path(__file__).resolve().parent / "release_1"
-CREATED = "Created the database at revision 0001 (head)."
+HEAD = dal.SCHEMA_REVISION
+# The revisions after release 1's, in order: what an upgrade from release 1 runs.
+LATER = [f"{n:04d}" for n in range(2, int(HEAD) + 1)]
+NEXT = f"{int(HEAD) + 1:04d}"  # a test-only migration after the head (ship_next)
+CREATED = f"Created the database at revision {HEAD} (head)."
 ADOPTED = "Brought a database from release 1 under Alembic at revision 0001; no row was changed."
-NOTHING_TO_DO = "Already at 0001 (head); nothing to do."
+UPGRADED = f"Upgraded {' → '.join(['0001', *LATER])} (head)."
+# What upgrade-db says about a release 1 database.
+ADOPTION = [ADOPTED, UPGRADED] if LATER else [ADOPTED]
+NOTHING_TO_DO = f"Already at {HEAD} (head); nothing to do."
 
 
 # =================================================================================================
@@ -316,9 +323,17 @@ def revisions(url: str) -> list[str]:
     return [row[0] for row in dump(url).get("alembic_version", [])]
 
 
-def with_new_stamp(rows: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple[Any, ...]]]:
-    """Release 1's rows as the upgrade leaves them: stamped 0001, the old stamp now "2"."""
-    return {**rows, "mailslot_meta": [("schema_version", "2")], "alembic_version": [("0001",)]}
+def with_new_stamp(
+    rows: dict[str, list[tuple[Any, ...]]], after: dict[str, list[tuple[Any, ...]]]
+) -> dict[str, list[tuple[Any, ...]]]:
+    """Release 1's ``rows`` as the upgrade must leave them, given what it left (``after``):
+    stamped at the head, the old stamp now "2", and every row as it was, but for the columns
+    later migrations added at the end of its table, which are empty (NULL)."""
+    kept: dict[str, list[tuple[Any, ...]]] = {}
+    for name, old_rows in rows.items():
+        added = len(after[name][0]) - len(old_rows[0]) if after.get(name) and old_rows else 0
+        kept[name] = [(*row, *([None] * added)) for row in old_rows]
+    return {**kept, "mailslot_meta": [("schema_version", "2")], "alembic_version": [(HEAD,)]}
 
 
 # =================================================================================================
@@ -336,8 +351,9 @@ def test_release_1_database_is_brought_under_alembic_with_every_row_intact(
     result = runner.invoke(args=["upgrade-db"])
 
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines() == [ADOPTED]
-    assert dump(database_url) == with_new_stamp(before)
+    assert result.output.splitlines() == ADOPTION
+    after = dump(database_url)
+    assert after == with_new_stamp(before, after)
 
 
 @pytest.mark.parametrize("seed", ["release-1"])
@@ -367,6 +383,59 @@ def test_release_1_rows_work_in_the_app_after_the_upgrade(
     assert "Grace Hopper" in sent[0].get_body(preferencelist=("plain",)).get_content()
 
 
+# =================================================================================================
+# 0002: a delivery belongs to a submission or to an account (account emails in the outbox)
+# =================================================================================================
+
+
+def _account_rows(url: str) -> list[tuple[Any, ...]]:
+    """The outbox rows that belong to an account: (user_id, template, status, target)."""
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT user_id, template, status, target FROM deliveries "
+            "WHERE submission_id IS NULL ORDER BY id"
+        ).all()
+    engine.dispose()
+    return [tuple(row) for row in rows]
+
+
+@pytest.mark.parametrize("seed", ["release-1"])
+def test_an_upgraded_release_1_database_keeps_account_emails_in_the_outbox(
+    runner: FlaskCliRunner, auth: AuthActions, app: Flask, database_url: str
+) -> None:
+    assert runner.invoke(args=["upgrade-db"]).exit_code == 0
+
+    auth.signup("newcomer@example.com")
+    auth.signup("owner@example.com")  # release 1's account: its owner is told instead
+
+    sent = {message["To"]: message["Subject"] for message in read_outbox(app)}
+    assert _account_rows(database_url) == [
+        (3, "confirm_email", "done", "newcomer@example.com"),
+        (1, "account_exists", "done", "owner@example.com"),
+    ]
+    assert sent["newcomer@example.com"] == "Confirm your Mailslot address"
+    assert "owner@example.com" in sent
+
+
+@pytest.mark.parametrize("seed", ["release-1"])
+def test_downgrading_0002_drops_account_emails_and_keeps_every_notification(
+    runner: FlaskCliRunner, auth: AuthActions, database_url: str
+) -> None:
+    release_1 = dump(database_url)
+    assert runner.invoke(args=["upgrade-db"]).exit_code == 0
+    auth.signup("newcomer@example.com")
+    assert _account_rows(database_url)
+
+    with dal.migration_connection(database_url) as conn:
+        command.downgrade(dal.alembic_config(conn), "0001")
+
+    after = dump(database_url)
+    assert after["deliveries"] == release_1["deliveries"]
+    assert after["alembic_version"] == [("0001",)]
+    assert dal.upgrade_db(database_url) == [f"Upgraded {' → '.join(['0001', *LATER])} (head)."]
+
+
 @pytest.mark.parametrize("seed", ["release-1"])
 def test_upgrade_db_in_its_own_process_brings_release_1_under_alembic(
     database_url: str, tmp_path: Path
@@ -382,8 +451,9 @@ def test_upgrade_db_in_its_own_process_brings_release_1_under_alembic(
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [ADOPTED]
-    assert dump(database_url) == with_new_stamp(before)
+    assert done.stdout.splitlines() == ADOPTION
+    after = dump(database_url)
+    assert after == with_new_stamp(before, after)
 
 
 @pytest.mark.parametrize("seed", ["release-1"])
@@ -394,7 +464,7 @@ def test_upgrading_twice_changes_nothing_the_second_time(
     after_first = dump(database_url)
     second = runner.invoke(args=["init-db"])  # the release-1 name does the same
 
-    assert first.output.splitlines() == [ADOPTED]
+    assert first.output.splitlines() == ADOPTION
     assert second.exit_code == 0
     assert second.output.splitlines() == [NOTHING_TO_DO]
     assert dump(database_url) == after_first
@@ -410,7 +480,7 @@ def test_a_fresh_database_is_created_by_the_migrations(
 
     assert first.output.splitlines() == [CREATED]
     assert second.output.splitlines() == [NOTHING_TO_DO]
-    assert revisions(database_url) == ["0001"]
+    assert revisions(database_url) == [HEAD]
     assert dump(database_url)["mailslot_meta"] == [("schema_version", "2")]
 
 
@@ -435,7 +505,7 @@ def test_the_comparison_notices_a_table_that_differs_from_the_migrations(
     changed = sa.MetaData()
     for table in dal.metadata.sorted_tables:
         table.to_metadata(changed)
-    changed.tables["deliveries"].append_column(sa.Column("user_id", sa.Integer))
+    changed.tables["deliveries"].append_column(sa.Column("priority", sa.Integer))
     changed.tables["submissions"].c.user_agent.type = sa.String(1024)
     engine = sa.create_engine(database_url)
     with engine.connect() as conn:
@@ -480,7 +550,8 @@ def test_first_migration_builds_what_release_1_built(kind: str, tmp_path: Path) 
         fresh_database(kind, tmp_path / "old", "release-1") as release_1,
         fresh_database(kind, tmp_path / "new") as migrated,
     ):
-        dal.upgrade_db(migrated)
+        with dal.migration_connection(migrated) as conn:
+            command.upgrade(dal.alembic_config(conn), "0001")
         built = schema_of(migrated)
         assert built == schema_of(release_1)
         assert len(built) > 10  # the queries saw the tables
@@ -529,7 +600,7 @@ def test_database_newer_than_the_code_is_refused_and_left_alone(
     assert ready.status_code == 503
     assert (
         ready.json["database"]
-        == "at revision 0042, newer than this code (0001): run the matching release"
+        == f"at revision 0042, newer than this code ({HEAD}): run the matching release"
     )
 
 
@@ -657,7 +728,7 @@ def test_two_processes_upgrading_at_once_migrate_once(
 
     assert [child.returncode for child in children] == [0, 0], outputs
     said = sorted(out.strip() for out, _ in outputs)
-    first = CREATED if seed == "empty" else ADOPTED
+    first = CREATED if seed == "empty" else "\n".join(ADOPTION)
     assert said == sorted([first, NOTHING_TO_DO])
     # Each found the database as the other left it: the second only after the first committed.
     assert log.read_text().splitlines() in (
@@ -665,9 +736,10 @@ def test_two_processes_upgrading_at_once_migrate_once(
         [seed, "current", "current"],
         [seed, "current", "current", "current"],
     )
-    assert revisions(database_url) == ["0001"]
+    assert revisions(database_url) == [HEAD]
     if seed == "release-1":
-        assert dump(database_url) == with_new_stamp(before)
+        after = dump(database_url)
+        assert after == with_new_stamp(before, after)
 
 
 # =================================================================================================
@@ -679,8 +751,8 @@ _NEXT_MIGRATION = '''"""A test-only step after 0001 that makes SQLite copy paren
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "{next}"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -706,15 +778,17 @@ def downgrade() -> None:
 
 
 @pytest.fixture
-def ship_0002(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
-    """Call it to make this code one that ships migration 0002 (in a copy of migrations/)."""
+def ship_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Call it to make this code one that ships a migration after the head (NEXT), in a copy of
+    migrations/."""
 
     def ship(script: str = _NEXT_MIGRATION) -> None:
         scripts = tmp_path / "migrations"
         shutil.copytree(dal.MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__"))
-        (scripts / "versions" / "0002_next.py").write_text(script)
+        text = script.replace('"{next}"', f'"{NEXT}"').replace('"{head}"', f'"{HEAD}"')
+        (scripts / "versions" / f"{NEXT}_next.py").write_text(text)
         monkeypatch.setattr(dal, "MIGRATIONS_DIR", scripts)
-        monkeypatch.setattr(dal, "SCHEMA_REVISION", "0002")
+        monkeypatch.setattr(dal, "SCHEMA_REVISION", NEXT)
         dal._script_directory.cache_clear()
 
     yield ship
@@ -722,28 +796,27 @@ def ship_0002(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
 
 
 @pytest.mark.parametrize("seed", ["release-1"])
-def test_release_1_database_upgraded_past_0001_keeps_every_row(
-    ship_0002: Callable[..., None], runner: FlaskCliRunner, database_url: str
+def test_release_1_database_upgraded_past_the_head_keeps_every_row(
+    ship_next: Callable[..., None], runner: FlaskCliRunner, database_url: str
 ) -> None:
-    ship_0002()
+    ship_next()
     before = dump(database_url)
 
     result = runner.invoke(args=["upgrade-db"])
 
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines() == [ADOPTED, "Upgraded 0001 → 0002 (head)."]
+    past_head = UPGRADED.replace(" (head)", f" → {NEXT} (head)")
+    assert result.output.splitlines() == [ADOPTED, past_head]
     after = dump(database_url)
-    assert after["alembic_version"] == [("0002",)]
-    assert [row[:-1] for row in after["users"]] == before["users"]  # nickname added last
-    for name in ("forms", "api_tokens", "submissions", "deliveries"):
-        assert after[name] == before[name]
+    # users and submissions were copied by batch mode on SQLite; their children kept every row
+    assert after == {**with_new_stamp(before, after), "alembic_version": [(NEXT,)]}
 
 
 def test_database_behind_the_code_is_not_ready_until_upgraded(
-    ship_0002: Callable[..., None], runner: FlaskCliRunner, client: FlaskClient
+    ship_next: Callable[..., None], runner: FlaskCliRunner, client: FlaskClient
 ) -> None:
     runner.invoke(args=["upgrade-db"])  # at 0001, the head of this code
-    ship_0002()
+    ship_next()
 
     behind = client.get("/readyz")
     upgraded = runner.invoke(args=["upgrade-db"])
@@ -751,9 +824,9 @@ def test_database_behind_the_code_is_not_ready_until_upgraded(
 
     assert behind.status_code == 503
     assert behind.json["database"] == (
-        "at revision 0001, this code needs 0002: run flask --app microapp upgrade-db"
+        f"at revision {HEAD}, this code needs {NEXT}: run flask --app microapp upgrade-db"
     )
-    assert upgraded.output.splitlines() == ["Upgraded 0001 → 0002 (head)."]
+    assert upgraded.output.splitlines() == [f"Upgraded {HEAD} → {NEXT} (head)."]
     assert ready.json["database"] == "ok"
 
 
@@ -767,11 +840,11 @@ _FAILING_MIGRATION = _NEXT_MIGRATION.replace(
 
 @pytest.mark.parametrize("seed", ["release-1"])
 def test_a_failed_migration_leaves_the_database_as_it_was(
-    ship_0002: Callable[..., None], runner: FlaskCliRunner, database_url: str
+    ship_next: Callable[..., None], runner: FlaskCliRunner, database_url: str
 ) -> None:
     runner.invoke(args=["upgrade-db"])
     before = dump(database_url)
-    ship_0002(_FAILING_MIGRATION)
+    ship_next(_FAILING_MIGRATION)
 
     result = runner.invoke(args=["upgrade-db"])
 
@@ -781,12 +854,12 @@ def test_a_failed_migration_leaves_the_database_as_it_was(
 
 @pytest.mark.parametrize(("kind", "seed"), [("sqlite", "release-1")])
 def test_a_migration_that_orphans_rows_is_rolled_back_with_a_message(
-    ship_0002: Callable[..., None], runner: FlaskCliRunner, database_url: str
+    ship_next: Callable[..., None], runner: FlaskCliRunner, database_url: str
 ) -> None:
     # Foreign keys are off while SQLite migrates (for batch mode), so they are checked at the end.
     runner.invoke(args=["upgrade-db"])
     before = dump(database_url)
-    ship_0002(
+    ship_next(
         _NEXT_MIGRATION.replace(
             "def upgrade() -> None:\n",
             'def upgrade() -> None:\n    op.execute("DELETE FROM users")\n',
