@@ -534,7 +534,8 @@ def submission_page(
     """One page of a form's submissions, newest first, keyset-paged by id (``before``)."""
     stmt = sa.select(submissions).where(submissions.c.form_id == form_id)
     if before is not None:
-        stmt = stmt.where(submissions.c.id < before)
+        # A 64-bit bound: an API cursor may point past the largest 32-bit id PostgreSQL stores.
+        stmt = stmt.where(submissions.c.id < sa.literal(before, sa.BigInteger))
     if spam is not None:
         stmt = stmt.where(submissions.c.is_spam.is_(spam))
     if query:
