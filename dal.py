@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -744,6 +746,7 @@ class _LocalWindows:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.counts: dict[str, int] = {}
+        self.logs: dict[str, dict[str, float]] = {}  # limit name -> {ticket: time}
 
     def incr(self, key: str) -> int:
         """Count a hit in a window; forget windows that ended."""
@@ -757,6 +760,30 @@ class _LocalWindows:
         """A window's count."""
         with self.lock:
             return self.counts.get(key, 0)
+
+    def admit(self, limits: list[Limit], now: float, ticket: str) -> Admission:
+        """admit_attempt's decision and record, under the lock: one step, as in Redis."""
+        with self.lock:
+            if len(self.logs) > 100_000:
+                self.logs.clear()
+            logs = []
+            for limit in limits:
+                log_ = self.logs.setdefault(limit.name, {})
+                for old, at in list(log_.items()):
+                    if at <= now - 2 * limit.seconds:
+                        del log_[old]
+                logs.append(list(log_.values()))
+            admission = _admission(limits, logs, now, ticket)
+            if admission.exceeded is None:
+                for limit in limits:
+                    self.logs[limit.name][ticket] = now
+            return admission
+
+    def withdraw(self, limits: list[Limit], ticket: str) -> None:
+        """Take an attempt back."""
+        with self.lock:
+            for limit in limits:
+                self.logs.get(limit.name, {}).pop(ticket, None)
 
 
 def _window(limit: Limit, now: float) -> tuple[int, float]:
@@ -782,26 +809,22 @@ def _decide(
 
 
 def hit_limits(
-    limits: list[Limit],
-    *,
-    extra_counters: tuple[tuple[str, int], ...] = (),
-    count: bool = True,
+    limits: list[Limit], *, extra_counters: tuple[tuple[str, int], ...] = ()
 ) -> LimitResult:
     """Count one hit against every limit (sliding windows) in ONE Redis round trip.
 
     ``extra_counters`` (name, seconds) are counted in the same trip and reported in
-    ``counters`` (used for velocity). With ``count=False`` the limits are only read (login
-    checks before counting a failure).
+    ``counters`` (used for velocity).
     """
-    now = time.time()
+    now = clock()
     try:
         pipe = stores().redis.pipeline(transaction=False)
-        _queue_hits(pipe, limits, extra_counters, now, count=count)
+        _queue_hits(pipe, limits, extra_counters, now, count=True)
         replies = pipe.execute()
     except (redis.RedisError, OSError) as exc:
         redis_trouble("rate-limits", exc)
-        return _hit_local(limits, now, count)
-    return _read_hits(replies, limits, extra_counters, now, count=count)
+        return _hit_local(limits, now, count=True)
+    return _read_hits(replies, limits, extra_counters, now, count=True)
 
 
 def _queue_hits(
@@ -860,6 +883,80 @@ def _hit_local(limits: list[Limit], now: float, count: bool) -> LimitResult:
         current = local.incr(key) if count else local.get(key)
         counts.append((current, local.get(f"{limit.name}:{number - 1}")))
     return _decide(limits, counts, now, pending=0 if count else 1)
+
+
+# --- attempts: exact sliding windows, counted before the work they guard ------------------------
+# Each limit keeps a log of the attempts it let through (a sorted set: ticket -> time). An attempt
+# is admitted only while every limit's log holds fewer than `count` attempts in the last
+# `seconds`, and the check and the record are one atomic step (MULTI/EXEC in Redis, a lock in
+# process), so simultaneous attempts cannot all squeeze past the same last free slot.
+
+
+def clock() -> float:
+    """Seconds since the epoch: the time the limits count in (tests set it)."""
+    return time.time()
+
+
+@dataclass(frozen=True)
+class Admission:
+    """One attempt: counted (``exceeded`` None), or refused for the limit that is full."""
+
+    ticket: str
+    exceeded: Limit | None = None
+    retry_after: int = 0  # whole seconds until one more attempt fits: exactly when it lifts
+
+
+def _admission(limits: list[Limit], logs: list[list[float]], now: float, ticket: str) -> Admission:
+    """The decision for an attempt at ``now`` given each limit's logged attempts (others')."""
+    exceeded, lifts_at = None, now
+    for limit, times in zip(limits, logs, strict=True):
+        recent = sorted(at for at in times if at > now - limit.seconds)
+        if len(recent) >= limit.count:
+            # One more fits once all but count - 1 of them are older than the window.
+            at = recent[len(recent) - limit.count] + limit.seconds
+            if exceeded is None or at > lifts_at:
+                exceeded, lifts_at = limit, at
+    return Admission(ticket, exceeded, math.ceil(lifts_at - now))
+
+
+def admit_attempt(limits: list[Limit]) -> Admission:
+    """Count an attempt against every limit unless one is full: atomically, in one round trip
+    (two when refused). Redis unreachable: the in-process log, under its lock."""
+    now = clock()
+    ticket = f"{now!r}:{uuid.uuid4().hex}"
+    try:
+        pipe = stores().redis.pipeline(transaction=True)
+        for limit in limits:
+            key = _key("log", limit.name)
+            # Twice the window: an attempt still in another request's window is never dropped.
+            pipe.zremrangebyscore(key, "-inf", now - 2 * limit.seconds)
+            pipe.zadd(key, {ticket: now})
+            pipe.zrange(key, 0, -1, withscores=True)
+            pipe.expire(key, 2 * limit.seconds)
+        replies = pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("rate-limits", exc)
+        return stores().local_windows.admit(limits, now, ticket)
+    logs = [
+        [at for member, at in replies[index * 4 + 2] if member != ticket]
+        for index in range(len(limits))
+    ]
+    admission = _admission(limits, logs, now, ticket)
+    if admission.exceeded is not None:
+        withdraw_attempt(limits, ticket)
+    return admission
+
+
+def withdraw_attempt(limits: list[Limit], ticket: str) -> None:
+    """Take an attempt back out of every limit's log (a refused one, or one that succeeded)."""
+    try:
+        pipe = stores().redis.pipeline(transaction=False)
+        for limit in limits:
+            pipe.zrem(_key("log", limit.name), ticket)
+        pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("rate-limits", exc)
+    stores().local_windows.withdraw(limits, ticket)
 
 
 def bump_counter(name: str) -> None:
