@@ -786,10 +786,12 @@ class _LocalWindows:
                 self.logs.get(limit.name, {}).pop(ticket, None)
 
 
-def _window(limit: Limit, now: float) -> tuple[int, float]:
-    """The current fixed window's number and how far into it we are (0..1)."""
-    number = int(now // limit.seconds)
-    return number, (now - number * limit.seconds) / limit.seconds
+_MICROS = 1_000_000  # the estimates work in whole microseconds: exact integer arithmetic
+
+
+def _window(limit: Limit, now: float) -> tuple[int, int]:
+    """The current fixed window's number and how far into it we are (microseconds)."""
+    return divmod(round(now * _MICROS), limit.seconds * _MICROS)
 
 
 def _decide(
@@ -798,14 +800,32 @@ def _decide(
     """Compare sliding-window estimates (plus ``pending`` uncounted hits) with the limits."""
     result = LimitResult()
     for limit, (current, previous) in zip(limits, counts, strict=True):
-        _, elapsed = _window(limit, now)
+        number, into = _window(limit, now)
+        span = limit.seconds * _MICROS
         result.counters[limit.name] = current
-        # Sliding-window estimate: this window's hits plus the unexpired share of the last one's.
-        if current + previous * (1 - elapsed) + pending > limit.count:
-            wait = int(limit.seconds * (1 - elapsed)) + 1
+        # Sliding-window estimate: this window's hits plus the unexpired share of the last one's,
+        # current + previous * (span - into) / span > count, multiplied out by span.
+        if (current + pending - limit.count) * span + previous * (span - into) > 0:
+            lifts = _estimate_lifts_at(limit.count, span, current, previous, number * span)
+            wait = -((number * span + into - lifts) // _MICROS)
             if result.exceeded is None or wait > result.retry_after:
                 result.exceeded, result.retry_after = limit, wait
     return result
+
+
+def _estimate_lifts_at(count: int, span: int, current: int, previous: int, start: int) -> int:
+    """The first microsecond at which one more hit fits, if no other hit comes first (the retry
+    counts too); the window of ``span`` microseconds began at ``start``.
+
+    The estimate falls as the last window's share shrinks. Within this window the retry needs
+    ``previous * (span - into) <= (count - current - 1) * span``; in the next one, where this
+    window is the last, ``current * (span - into) <= (count - 1) * span``.
+    """
+    if previous and current + 1 <= count:
+        return start + span - (count - current - 1) * span // previous
+    if current <= count - 1:
+        return start + span
+    return start + 2 * span - (count - 1) * span // current
 
 
 def hit_limits(

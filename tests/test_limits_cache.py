@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -600,6 +600,35 @@ def test_with_redis_unreachable_the_login_limiter_matches_its_model(
     redis_down_app: Flask, clock: Clock
 ) -> None:
     run_limiter_model(redis_down_app, clock)
+
+
+@settings(max_examples=1000)
+@given(
+    count=st.integers(1, 20),
+    seconds=st.sampled_from([60, 900, 3600]),
+    current=st.integers(0, 60),
+    previous=st.integers(0, 60),
+    into_window=st.floats(0, 1, exclude_max=True),
+)
+def test_the_other_limits_say_when_a_retry_fits_too(
+    count: int, seconds: int, current: int, previous: int, into_window: float
+) -> None:
+    # Submissions, sign-ups and API calls use a sliding-window estimate (two fixed windows);
+    # its Retry-After is when a retry, itself counted, first fits if nothing else comes.
+    limit = dal.Limit("estimate", count, seconds)
+    start = 1000 * seconds  # early in the epoch: times exact to far below a microsecond
+    now = start + into_window * seconds
+    refused = dal._decide([limit], [(current, previous)], now)
+    assume(refused.exceeded is not None)
+
+    def retry_fits(at: float) -> bool:
+        """Whether a retry at ``at`` is let through (the counts it would meet)."""
+        later = int(at // seconds) - int(now // seconds)
+        counts = [(current + 1, previous), (1, current)][later] if later < 2 else (1, 0)
+        return dal._decide([limit], [counts], at).exceeded is None
+
+    assert retry_fits(now + refused.retry_after)
+    assert not retry_fits(now + refused.retry_after - 1)
 
 
 def test_sign_up_is_limited_per_address(overrides: dict[str, Any], redis_backend: str) -> None:
