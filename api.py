@@ -223,8 +223,7 @@ def whole(**constraints: Any) -> Any:
 
 
 class FieldSpecIn(ApiInput):
-    """One field of a form's schema, as you send it. Field names are unique within a form, and
-    a number field's min is not larger than its max."""
+    """One field of a form's schema, as you send it (names unique; min not above max)."""
 
     model_config = ConfigDict(json_schema_extra=_field_spec_schema)
 
@@ -679,7 +678,7 @@ def parse_rfc3339(text: str) -> dt.datetime | None:
     if leap and (int(hour) * 60 + int(minute) - offset) % 1440 != 23 * 60 + 59:
         return None  # a leap second is the last second of a UTC day
     try:
-        moment = local - dt.timedelta(minutes=offset, seconds=-leap)
+        moment = local - dt.timedelta(minutes=offset) + dt.timedelta(seconds=int(leap))
         return moment - _GREGORIAN_CYCLE if early else moment
     except OverflowError:
         return _START_OF_TIME if early else _END_OF_TIME

@@ -673,7 +673,9 @@ def test_every_url_of_the_pattern_passes_every_check_but_resolution(
     monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: public)
     app.extensions["mailslot.settings"].webhook_allow_private = False
     with app.app_context():
-        assert services.check_webhook_url(url) is None
+        problem = services.check_webhook_url(url)
+    # Only the documented rule may refuse it: an address (or localhost) that is not public.
+    assert problem is None or "private or reserved" in problem or "loopback" in problem, problem
 
 
 @settings(max_examples=300)
