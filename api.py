@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import functools
+import hashlib
 import json
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -23,6 +25,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -100,14 +103,61 @@ def _api_conflict(exc: services.Conflict) -> Any:
 
 # --- wire models (pydantic): request bodies are strict, unknown keys are refused ------------------
 
+# The document states every rule these models check, in JSON Schema: a request the document calls
+# valid is one the API accepts, apart from the few rules an operation lists on its 422 answer
+# (ApiOperation.rules). Patterns spell their characters out (no \s, \w or \d), because JSON
+# Schema (ECMA-262), pydantic (Rust) and Python read those classes differently.
+
+# Exactly what Python's str.strip() removes (the characters for which str.isspace() is true).
+SPACE_CHARACTERS = (
+    r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+NO_NUL = r"^[^\x00]*$"
+NOT_BLANK = rf"^[^\x00]*[^\x00{SPACE_CHARACTERS}][^\x00]*$"  # something is left after strip()
+ONE_LINE = r"^[^\x00\r\n]+$"  # a spam rule is one line, as on the settings page
 FIELD_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 HONEYPOT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
 PUBLIC_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-ONE_LINE = r"^[^\r\n]+$"  # a spam rule is one line, as on the settings page
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{12}$"  # any 12 base64url characters are a position
 _PUBLIC_ID = re.compile(PUBLIC_ID_PATTERN)
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 FieldType = Literal[forms.FIELD_TYPES]  # type: ignore[valid-type]
 FormStatus = Literal[forms.FORM_STATUSES]  # type: ignore[valid-type]
+LARGEST_FLOAT = sys.float_info.max
+
+
+def _address_patterns() -> tuple[str, str]:
+    """(host, http URL) patterns: the part of RFC 3986 that every check of ours accepts.
+
+    A host is a DNS name (ASCII: international names in their xn-- form) with an optional port;
+    allowed domains need two labels or localhost. A URL is http or https with a DNS name, an IPv4
+    address or an IPv6 literal, an optional port, no user name or password, and no spaces or
+    control characters.
+    """
+    label = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    port = (
+        "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+    )
+    octet = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+    h16 = "[0-9A-Fa-f]{1,4}"
+    ls32 = rf"(?:{h16}:{h16}|{octet}(?:\.{octet}){{3}})"
+    # RFC 3986's IPv6address: at most `before` groups ahead of "::" for each tail after it.
+    tails = [f"(?:{h16}:){{{n}}}{ls32}" for n in (5, 4, 3, 2, 1)] + [ls32, h16, ""]
+    ipv6 = [f"(?:{h16}:){{6}}{ls32}"] + [
+        (f"(?:(?:{h16}:){{0,{before - 1}}}{h16})?" if before else "") + "::" + tail
+        for before, tail in enumerate(tails)
+    ]
+    url_host = rf"(?:{label}(?:\.{label})*|\[(?:{'|'.join(ipv6)})\])"
+    rest = r"[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    allowed_host = rf"(?:[Ll][Oo][Cc][Aa][Ll][Hh][Oo][Ss][Tt]|{label}(?:\.{label})+)"
+    return (
+        rf"^{allowed_host}(?::{port})?$",
+        rf"^[Hh][Tt][Tt][Pp][Ss]?://{url_host}(?::{port})?(?:[/?#]{rest}*)?$",
+    )
+
+
+HOST_PATTERN, HTTP_URL_PATTERN = _address_patterns()
+OPTIONAL_URL_PATTERN = rf"^$|{HTTP_URL_PATTERN}"  # empty, like null, means none
 
 
 def _storable(value: str) -> str:
@@ -117,7 +167,13 @@ def _storable(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_storable)]
+def text(pattern: str = NO_NUL, **constraints: Any) -> Any:
+    """A string type whose pattern and limits are checked and stated in the document.
+
+    (The Field comes before the validator: pydantic leaves a pattern given after an
+    AfterValidator out of the JSON Schema while still checking it.)
+    """
+    return Annotated[str, Field(pattern=pattern, **constraints), AfterValidator(_storable)]
 
 
 def _tidy_schema(schema: dict[str, Any], _model: Any = None) -> None:
@@ -136,66 +192,115 @@ class ApiInput(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_tidy_schema)
 
 
+def _field_spec_schema(schema: dict[str, Any], model: Any = None) -> None:
+    """A select or radio field needs a choice that is not blank (JSON Schema's if/then)."""
+    _tidy_schema(schema, model)
+    schema["if"] = {
+        "properties": {"type": {"enum": sorted(forms.CHOICE_TYPES)}},
+        "required": ["type"],
+    }
+    schema["then"] = {
+        "properties": {
+            "choices": {"type": "array", "contains": {"type": "string", "pattern": NOT_BLANK}}
+        },
+        "required": ["choices"],
+    }
+
+
+Number = Annotated[float, Field(ge=-LARGEST_FLOAT, le=LARGEST_FLOAT)]
+
+
+def _whole(value: Any) -> Any:
+    """JSON Schema's integers include 2.0: a number with no fraction is that integer."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def whole(**constraints: Any) -> Any:
+    """An integer type with its limits stated in the document; 2.0 counts as 2."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_whole)]
+
+
 class FieldSpecIn(ApiInput):
-    """One field of a form's schema, as you send it."""
+    """One field of a form's schema, as you send it (names unique; min not above max)."""
+
+    model_config = ConfigDict(json_schema_extra=_field_spec_schema)
 
     name: str = Field(pattern=FIELD_NAME_PATTERN, description="The input's name (a JSON key).")
-    label: Text | None = Field(None, max_length=200, description="Shown on the hosted page.")
+    label: text(max_length=200) | None = Field(None, description="Shown on the hosted page.")
     type: FieldType = "text"
     required: bool = False
-    max_length: int | None = Field(
-        None, ge=1, le=10_000, description="For text, email, textarea and url fields."
+    max_length: whole(ge=1, le=10_000) | None = Field(
+        None, description="For text, email, textarea and url fields."
     )
-    min: float | None = Field(None, description="For number fields.")
-    max: float | None = Field(None, description="For number fields.")
-    choices: list[Annotated[Text, Field(max_length=200)]] | None = Field(
-        None, max_length=500, description="Required for select and radio fields."
+    min: Number | None = Field(None, description="For number fields.")
+    max: Number | None = Field(None, description="For number fields.")
+    choices: list[text(max_length=200)] | None = Field(
+        None,
+        max_length=500,
+        description="For select and radio fields, which need one that is not blank.",
     )
-    help: Text | None = Field(None, max_length=1000, description="A hint under the field.")
+    help: text(max_length=1000) | None = Field(None, description="A hint under the field.")
 
 
 class SpamRules(ApiInput):
     """The owner's own spam rules: a submission that matches one is stored as spam."""
 
-    blocked_words: list[Annotated[Text, Field(max_length=100, pattern=ONE_LINE)]] = Field(
+    blocked_words: list[text(ONE_LINE, max_length=100)] = Field(
         default_factory=list, max_length=200, description="Words or phrases, case-insensitive."
     )
-    blocked_email_domains: list[Annotated[Text, Field(max_length=260, pattern=ONE_LINE)]] = Field(
+    blocked_email_domains: list[text(ONE_LINE, max_length=260)] = Field(
         default_factory=list,
         max_length=200,
         description="Domains of the sender's email field (like spam.example).",
     )
 
 
+NOT_A_CONTROL_FIELD = {"not": {"enum": sorted(forms.CONTROL_FIELDS)}}
+REDIRECT_URL_TEXT = "Where browsers go after posting (http or https); empty or null: none."
+WEBHOOK_URL_TEXT = (
+    "Receives each submission as a signed POST (http or https); empty or null: none. "
+    "Its host must resolve, and only to public addresses (checked when saved: 422 otherwise)."
+)
+NAME_TEXT = "Not only spaces (they are trimmed)."
+HONEYPOT_TEXT = "The spam-trap input: not a control field, nor the name of one of the fields."
+
+
 class FormCreate(ApiInput):
     """A new form. Only ``name`` is required."""
 
-    name: Text = Field(min_length=1, max_length=200)
+    name: text(NOT_BLANK, min_length=1, max_length=200) = Field(description=NAME_TEXT)
     fields: list[FieldSpecIn] = Field(
         default_factory=list, max_length=100, description="Empty: accept any fields."
     )
     strict: bool = Field(False, description="Refuse fields the schema does not name.")
     status: FormStatus = "active"
-    redirect_url: Text | None = Field(
-        None, max_length=2000, description="Where browsers go after posting (http or https)."
+    redirect_url: text(OPTIONAL_URL_PATTERN, max_length=2000) | None = Field(
+        None, description=REDIRECT_URL_TEXT
     )
-    allowed_domains: list[Annotated[Text, Field(max_length=260)]] = Field(
+    allowed_domains: list[text(HOST_PATTERN, max_length=253)] = Field(
         default_factory=list,
         max_length=50,
-        description="Hosts that may post (like example.com); empty: any site.",
+        description="Hosts that may post (like example.com or localhost:8080); empty: any site.",
     )
-    honeypot_field: str = Field("_gotcha", pattern=HONEYPOT_PATTERN)
+    honeypot_field: str = Field(
+        "_gotcha",
+        pattern=HONEYPOT_PATTERN,
+        description=HONEYPOT_TEXT,
+        json_schema_extra=NOT_A_CONTROL_FIELD,
+    )
     notify: bool = Field(True, description="Email each submission to your confirmed address.")
-    webhook_url: Text | None = Field(
-        None, max_length=2000, description="Receives each submission as a signed POST."
+    webhook_url: text(OPTIONAL_URL_PATTERN, max_length=2000) | None = Field(
+        None, description=WEBHOOK_URL_TEXT
     )
-    retention_days: int | None = Field(
-        None, ge=1, le=3650, description="Delete submissions older than this; null: keep them."
+    retention_days: whole(ge=1, le=3650) | None = Field(
+        None, description="Delete submissions older than this; null: keep them."
     )
     spam_rules: SpamRules = Field(default_factory=SpamRules)
-    description: Text = Field("", max_length=2000, description="Shown on the hosted page.")
-    thanks_message: Text = Field(
-        "", max_length=2000, description="Shown after a hosted-page submission."
+    description: text(max_length=2000) = Field("", description="Shown on the hosted page.")
+    thanks_message: text(max_length=2000) = Field(
+        "", description="Shown after a hosted-page submission."
     )
     show_branding: bool = Field(True, description="'Powered by Mailslot' on the hosted page.")
 
@@ -203,21 +308,30 @@ class FormCreate(ApiInput):
 class FormUpdate(ApiInput):
     """Changes to a form: send only what changes. ``null`` clears redirect_url and webhook_url."""
 
-    name: Text = Field(None, min_length=1, max_length=200)
+    name: text(NOT_BLANK, min_length=1, max_length=200) = Field(None, description=NAME_TEXT)
     fields: list[FieldSpecIn] = Field(
         None, max_length=100, description="The whole new schema; its version goes up."
     )
     strict: bool = None  # type: ignore[assignment]
     status: FormStatus = None  # type: ignore[assignment]
-    redirect_url: Text | None = Field(None, max_length=2000)
-    allowed_domains: list[Annotated[Text, Field(max_length=260)]] = Field(None, max_length=50)
-    honeypot_field: str = Field(None, pattern=HONEYPOT_PATTERN)
+    redirect_url: text(OPTIONAL_URL_PATTERN, max_length=2000) | None = Field(
+        None, description=REDIRECT_URL_TEXT
+    )
+    allowed_domains: list[text(HOST_PATTERN, max_length=253)] = Field(None, max_length=50)
+    honeypot_field: str = Field(
+        None,
+        pattern=HONEYPOT_PATTERN,
+        description=HONEYPOT_TEXT,
+        json_schema_extra=NOT_A_CONTROL_FIELD,
+    )
     notify: bool = None  # type: ignore[assignment]
-    webhook_url: Text | None = Field(None, max_length=2000)
-    retention_days: int | None = Field(None, ge=1, le=3650, description="null: keep them.")
+    webhook_url: text(OPTIONAL_URL_PATTERN, max_length=2000) | None = Field(
+        None, description=WEBHOOK_URL_TEXT
+    )
+    retention_days: whole(ge=1, le=3650) | None = Field(None, description="null: keep them.")
     spam_rules: SpamRules = Field(None, description="Replaces both lists.")
-    description: Text = Field(None, max_length=2000)
-    thanks_message: Text = Field(None, max_length=2000)
+    description: text(max_length=2000) = None
+    thanks_message: text(max_length=2000) = None
     show_branding: bool = None  # type: ignore[assignment]
     rotate_webhook_secret: bool = Field(
         False, description="Make a new signing secret; the answer carries it, once."
@@ -233,14 +347,17 @@ class SubmissionUpdate(ApiInput):
 class SubmissionQuery(ApiInput):
     """Filters and paging for a form's submissions (query parameters)."""
 
-    limit: int = Field(50, ge=1, le=100, description="Submissions per page.")
+    limit: whole(ge=1, le=100) = Field(50, description="Submissions per page.")
     cursor: str = Field(
-        None, max_length=64, description="`next_cursor` of the previous page; omit for the first."
+        None,
+        pattern=CURSOR_PATTERN,
+        description="`next_cursor` of the previous page; omit for the first. Opaque, and any "
+        "value of the pattern is a position in the list: the page after it is answered.",
     )
     since: AwareDatetime = Field(None, description="Received at or after (RFC 3339).")
     until: AwareDatetime = Field(None, description="Received before (RFC 3339).")
     spam: bool = Field(None, description="true: only spam; false: no spam; omitted: both.")
-    q: Text = Field(None, max_length=200, description="Text that any value contains.")
+    q: str = Field(None, max_length=200, description="Text that any value contains.")
 
 
 class FieldSpecOut(BaseModel):
@@ -316,7 +433,9 @@ class SubmissionPage(BaseModel):
     """One page of submissions, newest first."""
 
     data: list[SubmissionOut]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: done.")
+    next_cursor: str | None = Field(
+        pattern=CURSOR_PATTERN, description="Pass as `cursor` for the next page; null: done."
+    )
 
 
 class DeliveryOut(BaseModel):
@@ -384,6 +503,7 @@ class ApiOperation:
     body: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
     conflict: str = ""  # when set, the operation answers 409 for this reason
+    rules: tuple[str, ...] = ()  # rules beyond the schema: 422 to schema-valid input
     description: str = ""
     links: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = ()
 
@@ -452,15 +572,20 @@ def _owner_id() -> int:
 
 
 _MESSAGES_BY_PATTERN = {
-    "name": forms.MSG_FIELD_NAME,
-    "honeypot_field": "Use letters, digits, _ and - (start with a letter or _).",
+    FIELD_NAME_PATTERN: forms.MSG_FIELD_NAME,
+    HONEYPOT_PATTERN: "Use letters, digits, _ and - (start with a letter or _).",
+    NOT_BLANK: "Give the form a name.",
+    ONE_LINE: "Write one rule a line, not an empty one.",
+    OPTIONAL_URL_PATTERN: "Use a full http:// or https:// address, without a user name or "
+    "password, with an ASCII host name (international names in their xn-- form).",
+    HOST_PATTERN: "This is not a host name. Write one host, like example.com or localhost:8080.",
+    CURSOR_PATTERN: "This cursor is not valid. Start again without one.",
 }
 
 
 def _message(error: Any) -> str:
     """One pydantic error in the words the rest of Mailslot uses."""
     kind = error["type"]
-    last = next((part for part in reversed(error["loc"]) if isinstance(part, str)), "")
     if kind == "missing":
         return "This field is required."
     if kind == "extra_forbidden":
@@ -468,7 +593,9 @@ def _message(error: Any) -> str:
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return "Send a JSON object."
     if kind == "string_pattern_mismatch":
-        return _MESSAGES_BY_PATTERN.get(last, "This value has the wrong format.")
+        if "\x00" in error["input"]:
+            return "Remove NUL characters from this text."
+        return _MESSAGES_BY_PATTERN.get(error["ctx"]["pattern"], "This value has the wrong format.")
     if kind == "string_too_short" and error["ctx"].get("min_length") == 1:
         return "This cannot be empty."
     return str(error["msg"]).removeprefix("Value error, ")
@@ -508,24 +635,63 @@ def _json_body(model: type[Any]) -> Any:
 
 
 _RFC3339 = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:[.]([0-9]+))?"
+    r"(?:[Zz]|([+-])([0-9]{2}):([0-9]{2}))"
 )
-_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,18}")
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,18}(?:[.]0+)?")  # 2.0 is an integer in JSON Schema
+_GREGORIAN_CYCLE = dt.timedelta(days=146_097)  # 400 years: the calendar repeats after them
+_START_OF_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)
+_END_OF_TIME = dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+def parse_rfc3339(text: str) -> dt.datetime | None:
+    """An RFC 3339 date-time (JSON Schema's ``date-time``) as an aware UTC datetime, else None.
+
+    Every value the format admits is read: any number of fraction digits (kept to the
+    microsecond), a leap second when it falls at 23:59:60 UTC, and moments outside the years
+    1-9999 in UTC (year 0000, or year 1 with a positive offset), which become the first or last
+    moment Python can hold: a filter's bound then lets everything or nothing through.
+    """
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, fraction, sign, off_hours, off_minutes = match.groups()
+    if int(second) > 60 or (sign and (int(off_hours) > 23 or int(off_minutes) > 59)):
+        return None
+    early = int(year) < 400  # year 0 exists in RFC 3339, not in Python: count from 400 years on
+    try:
+        local = dt.datetime(
+            int(year) + 400 * early,
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            min(int(second), 59),
+            int((fraction or "0")[:6].ljust(6, "0")),
+            tzinfo=dt.UTC,
+        )
+    except ValueError:
+        return None
+    offset = int(off_hours or 0) * 60 + int(off_minutes or 0)
+    offset = -offset if sign == "-" else offset
+    leap = second == "60"
+    if leap and (int(hour) * 60 + int(minute) - offset) % 1440 != 23 * 60 + 59:
+        return None  # a leap second is the last second of a UTC day
+    try:
+        moment = local - dt.timedelta(minutes=offset) + dt.timedelta(seconds=int(leap))
+        return moment - _GREGORIAN_CYCLE if early else moment
+    except OverflowError:
+        return _START_OF_TIME if early else _END_OF_TIME
 
 
 def _query_value(name: str, text: str) -> Any:
     """A query-string value typed for the strict model; what does not parse stays text."""
     if name == "limit" and _WHOLE_NUMBER.fullmatch(text):
-        return int(text)
+        return int(text.partition(".")[0])
     if name == "spam" and text in ("true", "false"):
         return text == "true"
-    if name in ("since", "until") and _RFC3339.fullmatch(text):
-        try:
-            return dt.datetime.fromisoformat(text.upper()).astimezone(dt.UTC)
-        except (ValueError, OverflowError):
-            return text
-    if name == "q":
-        return text.replace("\x00", "").strip()
+    if name in ("since", "until"):
+        return parse_rfc3339(text) or text
     return text
 
 
@@ -536,35 +702,23 @@ def _query(model: type[Any]) -> Any:
     return _validate(model, raw)
 
 
-_CURSOR = re.compile(r"[A-Za-z0-9_-]{2,40}")
-_CURSOR_VALUE = re.compile(r"s([1-9][0-9]{0,9})")
-_MAX_ROW_ID = 2**31 - 1  # ids are 32-bit integers on PostgreSQL
+# A cursor is "the page before submission id N" in 9 bytes: any 12 base64url characters decode to
+# 9 bytes, so every value of CURSOR_PATTERN is a position. The mask only keeps clients from
+# reading ids into it; a position past every id either database can hold is the first page.
+_CURSOR_MASK = int.from_bytes(hashlib.sha256(b"mailslot submission cursor").digest()[:9])
+_LAST_POSITION = 2**63 - 1
 
 
-def _encode_cursor(before: int | None) -> str | None:
-    """An opaque cursor for the page after the submission ``before``."""
+def encode_cursor(before: int | None) -> str | None:
+    """The cursor of the page after the submission ``before`` (None: there is none)."""
     if before is None:
         return None
-    return base64.urlsafe_b64encode(f"s{before}".encode()).decode().rstrip("=")
+    return base64.urlsafe_b64encode((before ^ _CURSOR_MASK).to_bytes(9)).decode()
 
 
-def _decode_cursor(cursor: str) -> int:
-    """The submission id a cursor points after, or 422."""
-    value = None
-    if _CURSOR.fullmatch(cursor):
-        try:
-            value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        except (ValueError, UnicodeDecodeError):
-            value = None
-    match = _CURSOR_VALUE.fullmatch(value or "")
-    if match is None or int(match.group(1)) > _MAX_ROW_ID:
-        raise ApiError(
-            422,
-            "invalid",
-            "Some values need fixing; see fields.",
-            {"cursor": ["This cursor is not valid. Start again without one."]},
-        )
-    return int(match.group(1))
+def decode_cursor(cursor: str) -> int:
+    """The submission id a cursor (of CURSOR_PATTERN) points before."""
+    return min(int.from_bytes(base64.urlsafe_b64decode(cursor)) ^ _CURSOR_MASK, _LAST_POSITION)
 
 
 def _api_form(form_id: str) -> dal.Row:
@@ -665,6 +819,14 @@ def _delivery_out(row: Any) -> DeliveryOut:
 
 # --- resources ------------------------------------------------------------------------------------
 
+# What JSON Schema cannot say about a form: each is answered 422, naming the field.
+FORM_RULES = (
+    "webhook_url's host resolves, and only to public addresses",
+    "no two fields have the same name",
+    "a number field's min is not larger than its max",
+    "honeypot_field is not the name of one of the form's fields (sent or stored)",
+)
+
 _FORM_LINKS = (
     ("GetForm", "getForm", (("form_id", "$response.body#/id"),)),
     ("UpdateForm", "updateForm", (("form_id", "$response.body#/id"),)),
@@ -699,6 +861,7 @@ class FormsResource(MethodView):
         response=FormWithSecret,
         description="Answers 201 with a Location header. With a webhook_url, the answer carries "
         "the webhook signing secret, once.",
+        rules=FORM_RULES,
         links=_FORM_LINKS,
     )
     def post(self) -> Any:
@@ -729,6 +892,7 @@ class FormResource(MethodView):
         body=FormUpdate,
         response=FormWithSecret,
         conflict="rotate_webhook_secret on a form without a webhook",
+        rules=FORM_RULES,
         description="Send only the keys that change. Everything is checked before anything "
         "is saved. A new fields list raises schema_version.",
     )
@@ -762,6 +926,14 @@ class FormSubmissionsResource(MethodView):
         links=(
             ("GetSubmission", "getSubmission", (("submission_id", "$response.body#/data/0/id"),)),
             (
+                "NextPage",
+                "listSubmissions",
+                (
+                    ("form_id", "$request.path.form_id"),
+                    ("cursor", "$response.body#/next_cursor"),
+                ),
+            ),
+            (
                 "ListDeliveries",
                 "listDeliveries",
                 (("submission_id", "$response.body#/data/0/id"),),
@@ -771,13 +943,13 @@ class FormSubmissionsResource(MethodView):
     def get(self, form_id: str) -> Any:
         """One page of submissions."""
         query = _query(SubmissionQuery)
-        before = _decode_cursor(query.cursor) if query.cursor is not None else None
+        before = decode_cursor(query.cursor) if query.cursor is not None else None
         form = _api_form(form_id)
         rows, next_before = services.api_submission_page(
             form,
             before=before,
             limit=query.limit,
-            query=query.q or "",
+            query=(query.q or "").replace("\x00", "").strip(),
             spam=query.spam,
             since=query.since,
             until=query.until,
@@ -785,7 +957,7 @@ class FormSubmissionsResource(MethodView):
         return _answer(
             SubmissionPage(
                 data=[_submission_out(row, form.public_id) for row in rows],
-                next_cursor=_encode_cursor(next_before),
+                next_cursor=encode_cursor(next_before),
             )
         )
 
@@ -977,8 +1149,11 @@ def _operation_doc(rule: str, spec: ApiOperation, schemas: dict[Any, Any]) -> di
         }
     responses: dict[str, Any] = {str(spec.status): success}
     for status in _error_statuses(rule, spec):
+        description = _ERROR_DESCRIPTIONS[status].format(reason=spec.conflict)
+        if status == 422 and spec.rules:
+            description += " Besides the schema, these rules apply: " + "; ".join(spec.rules) + "."
         answer: dict[str, Any] = {
-            "description": _ERROR_DESCRIPTIONS[status].format(reason=spec.conflict),
+            "description": description,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
         }
         if status in _ERROR_HEADERS:
@@ -1080,15 +1255,32 @@ _LIMIT_WORDS = (
     ("maxItems", "at most {} items"),
     ("minimum", "at least {}"),
     ("maximum", "at most {}"),
-    ("pattern", "matches {}"),
 )
+_LONG_PATTERN = 80  # longer patterns are named, not shown: people read them in openapi.json
+
+
+def _constraint_words(schema: dict[str, Any]) -> list[str]:
+    """One schema's own constraints in words (items of a list included)."""
+    parts = [words.format(schema[key]) for key, words in _LIMIT_WORDS if key in schema]
+    if "pattern" in schema:
+        pattern = schema["pattern"]
+        parts.append(
+            f"matches {pattern}"
+            if len(pattern) <= _LONG_PATTERN
+            else "matches the pattern in openapi.json"
+        )
+    if "enum" in schema.get("not", {}):
+        parts.append("not " + ", ".join(json.dumps(value) for value in schema["not"]["enum"]))
+    if "items" in schema:
+        parts += [f"each {words}" for words in _constraint_words(schema["items"])]
+    return parts
 
 
 def _limits_text(schema: dict[str, Any]) -> str:
     """A schema's constraints and default in words."""
     parts = []
     for branch in [schema, *schema.get("anyOf", [])]:
-        parts += [words.format(branch[key]) for key, words in _LIMIT_WORDS if key in branch]
+        parts += _constraint_words(branch)
     if "default" in schema:
         parts.append(f"default {json.dumps(schema['default'])}")
     return "; ".join(parts)

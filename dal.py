@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -761,7 +763,8 @@ def submission_page(
     """One page of a form's submissions, newest first, keyset-paged by id (``before``)."""
     stmt = sa.select(submissions).where(submissions.c.form_id == form_id)
     if before is not None:
-        stmt = stmt.where(submissions.c.id < before)
+        # A 64-bit bound: an API cursor may point past the largest 32-bit id PostgreSQL stores.
+        stmt = stmt.where(submissions.c.id < sa.literal(before, sa.BigInteger))
     if spam is not None:
         stmt = stmt.where(submissions.c.is_spam.is_(spam))
     if query:
@@ -970,6 +973,7 @@ class _LocalWindows:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.counts: dict[str, int] = {}
+        self.logs: dict[str, dict[str, float]] = {}  # limit name -> {ticket: time}
 
     def incr(self, key: str) -> int:
         """Count a hit in a window; forget windows that ended."""
@@ -984,11 +988,37 @@ class _LocalWindows:
         with self.lock:
             return self.counts.get(key, 0)
 
+    def admit(self, limits: list[Limit], now: float, ticket: str) -> Admission:
+        """admit_attempt's decision and record, under the lock: one step, as in Redis."""
+        with self.lock:
+            if len(self.logs) > 100_000:
+                self.logs.clear()
+            logs = []
+            for limit in limits:
+                log_ = self.logs.setdefault(limit.name, {})
+                for old, at in list(log_.items()):
+                    if at <= now - 2 * limit.seconds:
+                        del log_[old]
+                logs.append(list(log_.values()))
+            admission = _admission(limits, logs, now, ticket)
+            if admission.exceeded is None:
+                for limit in limits:
+                    self.logs[limit.name][ticket] = now
+            return admission
 
-def _window(limit: Limit, now: float) -> tuple[int, float]:
-    """The current fixed window's number and how far into it we are (0..1)."""
-    number = int(now // limit.seconds)
-    return number, (now - number * limit.seconds) / limit.seconds
+    def withdraw(self, limits: list[Limit], ticket: str) -> None:
+        """Take an attempt back."""
+        with self.lock:
+            for limit in limits:
+                self.logs.get(limit.name, {}).pop(ticket, None)
+
+
+_MICROS = 1_000_000  # the estimates work in whole microseconds: exact integer arithmetic
+
+
+def _window(limit: Limit, now: float) -> tuple[int, int]:
+    """The current fixed window's number and how far into it we are (microseconds)."""
+    return divmod(round(now * _MICROS), limit.seconds * _MICROS)
 
 
 def _decide(
@@ -997,37 +1027,51 @@ def _decide(
     """Compare sliding-window estimates (plus ``pending`` uncounted hits) with the limits."""
     result = LimitResult()
     for limit, (current, previous) in zip(limits, counts, strict=True):
-        _, elapsed = _window(limit, now)
+        number, into = _window(limit, now)
+        span = limit.seconds * _MICROS
         result.counters[limit.name] = current
-        # Sliding-window estimate: this window's hits plus the unexpired share of the last one's.
-        if current + previous * (1 - elapsed) + pending > limit.count:
-            wait = int(limit.seconds * (1 - elapsed)) + 1
+        # Sliding-window estimate: this window's hits plus the unexpired share of the last one's,
+        # current + previous * (span - into) / span > count, multiplied out by span.
+        if (current + pending - limit.count) * span + previous * (span - into) > 0:
+            lifts = _estimate_lifts_at(limit.count, span, current, previous, number * span)
+            wait = -((number * span + into - lifts) // _MICROS)
             if result.exceeded is None or wait > result.retry_after:
                 result.exceeded, result.retry_after = limit, wait
     return result
 
 
+def _estimate_lifts_at(count: int, span: int, current: int, previous: int, start: int) -> int:
+    """The first microsecond at which one more hit fits, if no other hit comes first (the retry
+    counts too); the window of ``span`` microseconds began at ``start``.
+
+    The estimate falls as the last window's share shrinks. Within this window the retry needs
+    ``previous * (span - into) <= (count - current - 1) * span``; in the next one, where this
+    window is the last, ``current * (span - into) <= (count - 1) * span``.
+    """
+    if previous and current + 1 <= count:
+        return start + span - (count - current - 1) * span // previous
+    if current <= count - 1:
+        return start + span
+    return start + 2 * span - (count - 1) * span // current
+
+
 def hit_limits(
-    limits: list[Limit],
-    *,
-    extra_counters: tuple[tuple[str, int], ...] = (),
-    count: bool = True,
+    limits: list[Limit], *, extra_counters: tuple[tuple[str, int], ...] = ()
 ) -> LimitResult:
     """Count one hit against every limit (sliding windows) in ONE Redis round trip.
 
     ``extra_counters`` (name, seconds) are counted in the same trip and reported in
-    ``counters`` (used for velocity). With ``count=False`` the limits are only read (login
-    checks before counting a failure).
+    ``counters`` (used for velocity).
     """
-    now = time.time()
+    now = clock()
     try:
         pipe = stores().redis.pipeline(transaction=False)
-        _queue_hits(pipe, limits, extra_counters, now, count=count)
+        _queue_hits(pipe, limits, extra_counters, now, count=True)
         replies = pipe.execute()
     except (redis.RedisError, OSError) as exc:
         redis_trouble("rate-limits", exc)
-        return _hit_local(limits, now, count)
-    return _read_hits(replies, limits, extra_counters, now, count=count)
+        return _hit_local(limits, now, count=True)
+    return _read_hits(replies, limits, extra_counters, now, count=True)
 
 
 def _queue_hits(
@@ -1086,6 +1130,80 @@ def _hit_local(limits: list[Limit], now: float, count: bool) -> LimitResult:
         current = local.incr(key) if count else local.get(key)
         counts.append((current, local.get(f"{limit.name}:{number - 1}")))
     return _decide(limits, counts, now, pending=0 if count else 1)
+
+
+# --- attempts: exact sliding windows, counted before the work they guard ------------------------
+# Each limit keeps a log of the attempts it let through (a sorted set: ticket -> time). An attempt
+# is admitted only while every limit's log holds fewer than `count` attempts in the last
+# `seconds`, and the check and the record are one atomic step (MULTI/EXEC in Redis, a lock in
+# process), so simultaneous attempts cannot all squeeze past the same last free slot.
+
+
+def clock() -> float:
+    """Seconds since the epoch: the time the limits count in (tests set it)."""
+    return time.time()
+
+
+@dataclass(frozen=True)
+class Admission:
+    """One attempt: counted (``exceeded`` None), or refused for the limit that is full."""
+
+    ticket: str
+    exceeded: Limit | None = None
+    retry_after: int = 0  # whole seconds until one more attempt fits: exactly when it lifts
+
+
+def _admission(limits: list[Limit], logs: list[list[float]], now: float, ticket: str) -> Admission:
+    """The decision for an attempt at ``now`` given each limit's logged attempts (others')."""
+    exceeded, lifts_at = None, now
+    for limit, times in zip(limits, logs, strict=True):
+        recent = sorted(at for at in times if at > now - limit.seconds)
+        if len(recent) >= limit.count:
+            # One more fits once all but count - 1 of them are older than the window.
+            at = recent[len(recent) - limit.count] + limit.seconds
+            if exceeded is None or at > lifts_at:
+                exceeded, lifts_at = limit, at
+    return Admission(ticket, exceeded, math.ceil(lifts_at - now))
+
+
+def admit_attempt(limits: list[Limit]) -> Admission:
+    """Count an attempt against every limit unless one is full: atomically, in one round trip
+    (two when refused). Redis unreachable: the in-process log, under its lock."""
+    now = clock()
+    ticket = f"{now!r}:{uuid.uuid4().hex}"
+    try:
+        pipe = stores().redis.pipeline(transaction=True)
+        for limit in limits:
+            key = _key("log", limit.name)
+            # Twice the window: an attempt still in another request's window is never dropped.
+            pipe.zremrangebyscore(key, "-inf", now - 2 * limit.seconds)
+            pipe.zadd(key, {ticket: now})
+            pipe.zrange(key, 0, -1, withscores=True)
+            pipe.expire(key, 2 * limit.seconds)
+        replies = pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("rate-limits", exc)
+        return stores().local_windows.admit(limits, now, ticket)
+    logs = [
+        [at for member, at in replies[index * 4 + 2] if member != ticket]
+        for index in range(len(limits))
+    ]
+    admission = _admission(limits, logs, now, ticket)
+    if admission.exceeded is not None:
+        withdraw_attempt(limits, ticket)
+    return admission
+
+
+def withdraw_attempt(limits: list[Limit], ticket: str) -> None:
+    """Take an attempt back out of every limit's log (a refused one, or one that succeeded)."""
+    try:
+        pipe = stores().redis.pipeline(transaction=False)
+        for limit in limits:
+            pipe.zrem(_key("log", limit.name), ticket)
+        pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("rate-limits", exc)
+    stores().local_windows.withdraw(limits, ticket)
 
 
 def bump_counter(name: str) -> None:

@@ -1020,9 +1020,10 @@ def export_json(public_id: str) -> Any:
     return _download(services.export_json(record), record, "json", "application/json")
 
 
-def _download(chunks: Any, record: dal.Row, extension: str, mimetype: str) -> Any:
-    """A streamed attachment named after the form."""
-    response = current_app.response_class(stream_with_context(chunks), mimetype=mimetype)
+def _download(chunks: Any, record: dal.Row, extension: str, content_type: str) -> Any:
+    """A streamed attachment named after the form, with exactly this Content-Type (werkzeug
+    would add a second charset to a text/* ``mimetype`` that already names one)."""
+    response = current_app.response_class(stream_with_context(chunks), content_type=content_type)
     response.headers["Content-Disposition"] = (
         f'attachment; filename="mailslot-{record.public_id}.{extension}"'
     )

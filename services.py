@@ -123,18 +123,21 @@ def queue_account_email(
 def log_in(email: str, password: str, client_ip: str | None = None) -> dal.Row | None:
     """The owner for this email and password, or None; upgrades an outdated hash on success.
 
-    Failures are counted per account and per address; past the limit even the right password
-    is refused (RateLimited) until the window passes.
+    Attempts are counted per account and per address before the password is checked, in one
+    atomic step, so simultaneous guesses cannot all pass a limit that has one slot left; past
+    the limit even the right password is refused (RateLimited) until the oldest counted
+    attempts leave the window. A right password takes back its own attempt only: a success
+    never clears the failures before it (or an attacker's own account would reset the count
+    of the address it guesses from).
     """
     limits = _login_limits(email, client_ip)
-    if limits:
-        state = dal.hit_limits(limits, count=False)
-        if state.exceeded is not None:
-            log.info("login.rate_limited", limit=state.exceeded.name)
-            raise RateLimited(state.retry_after)
+    attempt = dal.admit_attempt(limits) if limits else None
+    if attempt is not None and attempt.exceeded is not None:
+        log.info("login.rate_limited", limit=attempt.exceeded.name)
+        raise RateLimited(attempt.retry_after)
     user = _check_password(email, password)
-    if user is None and limits:
-        dal.hit_limits(limits)
+    if user is not None and attempt is not None:
+        dal.withdraw_attempt(limits, attempt.ticket)
     return user
 
 

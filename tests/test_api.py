@@ -5,21 +5,23 @@ Every test here runs on SQLite and, when MAILSLOT_TEST_DATABASE_URL is set, on P
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema_rs
 import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from markupsafe import escape
+from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 import api
@@ -155,11 +157,6 @@ def store_submissions(
                 )
                 for index in range(count)
             ]
-
-
-def cursor_for(text: str | int) -> str:
-    """A cursor as the API spells one (an opaque encoding of the id)."""
-    return base64.urlsafe_b64encode(f"s{text}".encode()).decode().rstrip("=")
 
 
 def set_delivery_status(app: Flask, delivery_id: int, status: str) -> None:
@@ -327,14 +324,17 @@ def test_tokens_are_stored_as_hashes(app: Flask, owner: Owner) -> None:
 
 
 def test_token_over_its_rate_limit_gets_429_with_retry_after(
-    app: Flask, client: FlaskClient, owner: Owner, other: Owner
+    app: Flask, client: FlaskClient, owner: Owner, other: Owner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app.extensions["mailslot.settings"].api_rate_limit = "3/minute"
+    monkeypatch.setattr(dal, "clock", lambda: 1_700_000_040.0)  # the start of a minute
     for _ in range(3):
         assert call(client, owner, "GET", "/api/v1/me").status_code == 200
     response = call(client, owner, "GET", "/api/v1/me")
     error_of(response, 429, "rate_limited")
-    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    # Four calls (the refused one counts) weigh on the next minute too: a retry fits once half
+    # of it has passed, when 1 + 4 * (1 - 1/2) calls are within the limit of 3.
+    assert response.headers["Retry-After"] == "90"
     # The limit is per token: another token is not affected.
     assert call(client, other, "GET", "/api/v1/me").status_code == 200
 
@@ -622,6 +622,117 @@ def test_create_form_refuses_bad_input_with_422_per_field(
     assert call(client, owner, "GET", "/api/v1/forms").get_json() == {"data": []}
 
 
+# --- the document's patterns are exactly what the checks behind them accept -------------------
+
+
+def document_accepts(model: str, key: str, value: Any) -> bool:
+    """Whether the served document's schema of ``model.key`` admits ``value`` (judged by
+    jsonschema_rs, the validator schemathesis uses)."""
+    doc = api.openapi_document("http://mailslot.test")
+    schema = {**doc["components"]["schemas"][model]["properties"][key], **doc["components"]}
+    return jsonschema_rs.validator_for(schema, validate_formats=True).is_valid(value)
+
+
+def api_accepts(model: type[Any], key: str, value: Any) -> bool:
+    """Whether the API's wire model accepts ``value`` for ``key`` (pydantic, as the views do)."""
+    try:
+        model.model_validate({"name": "x", key: value})
+    except ValidationError:
+        return False
+    return True
+
+
+def test_space_characters_are_what_python_strips() -> None:
+    named = re.compile(f"[{api.SPACE_CHARACTERS}]")
+    everything = [chr(code) for code in range(sys.maxunicode + 1)]
+    assert {char for char in everything if named.fullmatch(char)} == {
+        char for char in everything if char.isspace()
+    }
+
+
+@given(value=st.text(max_size=12))
+@example(value="\x1c")  # str.isspace() is true for the separators \x1c-\x1f; \s in Rust is not
+@example(value="\ufeff")  # ECMA-262's \s has it; str.strip() leaves it
+@example(value="\x85 x\x00")
+def test_a_form_name_is_valid_when_something_is_left_after_strip(value: str) -> None:
+    expected = bool(value.strip()) and "\x00" not in value
+    assert document_accepts("FormCreate", "name", value) == expected
+    assert api_accepts(api.FormCreate, "name", value) == expected
+
+
+@SQLITE_ONLY
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(url=st.from_regex(api.HTTP_URL_PATTERN, fullmatch=True).filter(lambda url: len(url) <= 2000))
+@example(url="https://[::ffff:192.0.2.1]:8443/hook?x=1#y")
+@example(url="HTTP://a.b")
+@example(url="http://1:65535")
+def test_every_url_of_the_pattern_passes_every_check_but_resolution(
+    url: str, monkeypatch: pytest.MonkeyPatch, app: Flask
+) -> None:
+    assert document_accepts("FormCreate", "webhook_url", url)
+    assert api_accepts(api.FormCreate, "webhook_url", url)
+    assert forms.is_http_url(url)
+    public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: public)
+    app.extensions["mailslot.settings"].webhook_allow_private = False
+    with app.app_context():
+        problem = services.check_webhook_url(url)
+    # Only the documented rule may refuse it: an address (or localhost) that is not public.
+    assert problem is None or "private or reserved" in problem or "loopback" in problem, problem
+
+
+@settings(max_examples=300)
+@given(host=st.from_regex(api.HOST_PATTERN, fullmatch=True).filter(lambda host: len(host) <= 253))
+@example(host="LocalHost:1")
+def test_every_host_of_the_pattern_is_an_allowed_domain(host: str) -> None:
+    assert document_accepts("FormCreate", "allowed_domains", [host])
+    assert api_accepts(api.FormCreate, "allowed_domains", [host])
+    assert forms.parse_allowed_domains(host) == [host.lower()]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("webhook_url", "http://user:secret@example.com/"),  # no credentials in the URL
+        ("webhook_url", "https://exämple.com/"),  # international names in the xn-- form
+        ("webhook_url", "https://example.com:0/"),
+        ("webhook_url", "https://example.com:65536/"),
+        ("webhook_url", "https://[::1/"),
+        ("webhook_url", "https://[1::2::3]/"),
+        ("webhook_url", "https://example.com/a b"),
+        ("webhook_url", "https://example.com/\u2028"),
+        ("redirect_url", "javascript:alert(1)"),
+        ("redirect_url", "//example.com/"),
+        ("allowed_domains", ["intranet"]),  # one label: only localhost
+        ("allowed_domains", ["example.com/"]),
+        ("allowed_domains", ["example.com:99999"]),
+        ("honeypot_field", "_next"),
+        ("name", " \u3000 "),
+    ],
+)
+def test_the_document_and_the_api_refuse_alike(key: str, value: Any) -> None:
+    assert not document_accepts("FormCreate", key, value)
+    assert not api_accepts(api.FormCreate, key, value) or key == "honeypot_field"
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("operation", ["createForm", "updateForm"])
+def test_the_rules_json_schema_cannot_state_are_on_the_422_answer(
+    client: FlaskClient, operation: str
+) -> None:
+    doc = client.get("/api/v1/openapi.json").get_json()
+    [spec] = [
+        spec
+        for methods in doc["paths"].values()
+        for spec in methods.values()
+        if spec["operationId"] == operation
+    ]
+    described = spec["responses"]["422"]["description"]
+    assert all(rule in described for rule in api.FORM_RULES)
+    listing = doc["paths"]["/forms/{form_id}/submissions"]["get"]["responses"]["422"]
+    assert "Besides the schema" not in listing["description"]
+
+
 def test_webhook_to_a_private_address_is_refused(
     app: Flask, client: FlaskClient, owner: Owner
 ) -> None:
@@ -845,20 +956,52 @@ def test_submission_filters(app: Flask, client: FlaskClient, owner: Owner) -> No
     )
 
 
-def test_a_cursor_at_the_largest_id_starts_from_the_newest(
-    app: Flask, client: FlaskClient, owner: Owner
-) -> None:
+@pytest.fixture
+def paged_form(app: Flask, client: FlaskClient, owner: Owner) -> tuple[str, list[dal.Row]]:
+    """A form with five stored submissions (their ids in the table, oldest first)."""
     form = create_form(client, owner)
-    stored = store_submissions(app, form["id"], 2)
+    return form["id"], store_submissions(app, form["id"], 5)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cursor=st.from_regex(api.CURSOR_PATTERN, fullmatch=True)
+    | st.integers(0, 2**72 - 1).map(api.encode_cursor)
+    | st.integers(0, 20).map(api.encode_cursor)
+)
+@example(cursor=api.encode_cursor(0))
+@example(cursor=api.encode_cursor(2**31 - 1))
+@example(cursor=api.encode_cursor(2**31))  # past the largest id PostgreSQL can hold
+@example(cursor=api.encode_cursor(2**63))  # past the largest id SQLite can hold
+@example(cursor="AAAAAAAAAAAA")
+@example(cursor="____________")
+def test_any_cursor_of_the_documented_pattern_is_a_position(
+    client: FlaskClient, owner: Owner, paged_form: tuple[str, list[dal.Row]], cursor: str
+) -> None:
+    form_id, stored = paged_form
     response = call(
         client,
         owner,
         "GET",
-        f"/api/v1/forms/{form['id']}/submissions",
-        query_string={"cursor": cursor_for(2**31 - 1)},
+        f"/api/v1/forms/{form_id}/submissions",
+        query_string={"cursor": cursor, "limit": 2},
     )
-    assert response.status_code == 200
-    assert [s["id"] for s in response.get_json()["data"]] == [r.public_id for r in stored[::-1]]
+    assert response.status_code == 200, response.get_data(as_text=True)
+    before = api.decode_cursor(cursor)
+    expected = [row for row in reversed(stored) if row.id < before]
+    page = response.get_json()
+    assert [item["id"] for item in page["data"]] == [row.public_id for row in expected[:2]]
+    assert page["next_cursor"] == (api.encode_cursor(expected[1].id) if expected[2:] else None)
+
+
+@given(before=st.integers(0, 2**63 - 1))
+def test_a_cursor_decodes_to_the_position_it_was_made_for(before: int) -> None:
+    cursor = api.encode_cursor(before)
+    assert cursor is not None
+    assert re.fullmatch(api.CURSOR_PATTERN, cursor)
+    assert api.decode_cursor(cursor) == before
 
 
 @pytest.mark.parametrize(
@@ -868,19 +1011,21 @@ def test_a_cursor_at_the_largest_id_starts_from_the_newest(
         ({"limit": "101"}, "limit"),
         ({"limit": "ten"}, "limit"),
         ({"limit": "1.5"}, "limit"),
-        ({"cursor": "garbage!"}, "cursor"),
-        ({"cursor": cursor_for(0)}, "cursor"),
-        ({"cursor": cursor_for(2**31)}, "cursor"),  # past any id PostgreSQL can hold
-        ({"cursor": cursor_for("9" * 30)}, "cursor"),
-        ({"cursor": cursor_for("-1")}, "cursor"),
-        ({"cursor": "x" * 65}, "cursor"),
+        ({"cursor": "garbage!garb"}, "cursor"),
+        ({"cursor": "AAAAAAAAAAA"}, "cursor"),  # 11 characters
+        ({"cursor": "AAAAAAAAAAAAA"}, "cursor"),  # 13
+        ({"cursor": ""}, "cursor"),
+        ({"cursor": "AAAAAAAAAAA="}, "cursor"),
         ({"since": "yesterday"}, "since"),
         ({"since": "2024-01-01"}, "since"),
         ({"since": "2024-01-01T00:00:00"}, "since"),  # no time zone
         ({"until": "2024-13-01T00:00:00Z"}, "until"),
-        ({"until": "0001-01-01T00:00:00+01:00"}, "until"),  # before year 1 in UTC
+        ({"until": "2024-02-30T00:00:00Z"}, "until"),
+        ({"until": "2024-01-01T12:00:60Z"}, "until"),  # a leap second only ends a UTC day
+        ({"until": "2024-01-01T00:00:00+24:00"}, "until"),
         ({"spam": "yes"}, "spam"),
         ({"q": "x" * 201}, "q"),
+        ({"q": " " * 201}, "q"),  # the length is the length sent
     ],
 )
 def test_bad_submission_query_gets_422(
@@ -891,6 +1036,74 @@ def test_bad_submission_query_gets_422(
         client, owner, "GET", f"/api/v1/forms/{form['id']}/submissions", query_string=query
     )
     assert field in error_of(response, 422, "invalid")
+
+
+def test_a_whole_number_written_with_a_fraction_is_that_integer(
+    app: Flask, client: FlaskClient, owner: Owner
+) -> None:
+    # JSON Schema's integers include 2.0, so the document admits it and so does the API.
+    form = call(client, owner, "POST", "/api/v1/forms", {"name": "x", "retention_days": 2.0})
+    assert form.status_code == 201, form.get_data(as_text=True)
+    assert form.get_json()["retention_days"] == 2
+    store_submissions(app, form.get_json()["id"], 3)
+    response = call(
+        client,
+        owner,
+        "GET",
+        f"/api/v1/forms/{form.get_json()['id']}/submissions",
+        query_string={"limit": "2.0"},
+    )
+    assert len(response.get_json()["data"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "everything"),
+    [
+        ({"until": "0001-01-01T00:00:00+01:00"}, False),  # before year 1 in UTC
+        ({"until": "0000-01-01T00:00:00Z"}, False),  # year 0 is in RFC 3339
+        ({"since": "0000-12-31T23:00:00-02:00"}, True),
+        ({"since": "9999-12-31T23:00:00-02:00"}, False),  # after year 9999 in UTC
+        ({"until": "9999-12-31T23:59:60Z"}, True),
+        ({"since": "1998-12-31T23:59:60Z"}, True),
+        ({"since": "2000-01-01t00:00:00.123456789z"}, True),
+    ],
+)
+def test_every_rfc3339_date_time_is_a_bound(
+    app: Flask, client: FlaskClient, owner: Owner, query: dict[str, str], everything: bool
+) -> None:
+    form = create_form(client, owner)
+    stored = store_submissions(app, form["id"], 2)
+    response = call(
+        client, owner, "GET", f"/api/v1/forms/{form['id']}/submissions", query_string=query
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
+    expected = [row.public_id for row in reversed(stored)] if everything else []
+    assert [item["id"] for item in response.get_json()["data"]] == expected
+
+
+_DATE_TIME = jsonschema_rs.validator_for(
+    {"type": "string", "format": "date-time"}, validate_formats=True
+)
+_DATE_TIME_LIKE = st.builds(
+    "{}-{}-{}{}{}:{}:{}{}{}".format,
+    st.sampled_from(["0000", "0001", "0400", "1998", "2000", "2024", "2100", "9999", "20x4"]),
+    st.sampled_from(["01", "02", "12", "13", "00"]),
+    st.sampled_from(["01", "28", "29", "30", "31", "32"]),
+    st.sampled_from(["T", "t", " "]),
+    st.sampled_from(["00", "22", "23", "24"]),
+    st.sampled_from(["00", "58", "59", "60"]),
+    st.sampled_from(["00", "59", "60", "61"]),
+    st.sampled_from(["", ".1", ".123456789", "."]),
+    st.sampled_from(["Z", "z", "+00:00", "-00:00", "+01:00", "-01:00", "+23:59", "+24:00", ""]),
+)
+
+
+@settings(max_examples=500)
+@given(text=_DATE_TIME_LIKE | st.text(max_size=30))
+@example(text="0000-01-01T00:00:61Z")
+def test_the_api_reads_exactly_the_date_times_json_schema_admits(text: str) -> None:
+    # jsonschema_rs is the validator schemathesis judges the document's `date-time` with.
+    assert (api.parse_rfc3339(text) is not None) == _DATE_TIME.is_valid(text)
 
 
 def test_get_mark_and_delete_a_submission(

@@ -897,6 +897,22 @@ def test_exports_of_an_empty_form(shared: Shared) -> None:
     assert json.loads(json_response.get_data(as_text=True)) == []
 
 
+@pytest.mark.parametrize(
+    ("export", "content_type"),
+    [
+        ("export.csv", "text/csv; charset=utf-8"),
+        ("export.json", "application/json"),  # JSON is UTF-8 by definition (RFC 8259)
+    ],
+)
+def test_exports_state_their_exact_content_type(
+    shared: Shared, export: str, content_type: str
+) -> None:
+    public_id = create_form(shared.client)
+    response = shared.client.get(f"/forms/{public_id}/{export}")
+    assert response.status_code == 200
+    assert response.headers.getlist("Content-Type") == [content_type]
+
+
 def test_json_export_is_valid_json_with_every_submission(
     client: FlaskClient, app: Flask, owner: AuthActions
 ) -> None:

@@ -7,7 +7,9 @@ MAILSLOT_TEST_REDIS_URL is set, against a real Redis too.
 from __future__ import annotations
 
 import http.client
+import math
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -29,7 +31,7 @@ from hypothesis.stateful import (
 import dal
 import microapp
 import services
-from conftest import PASSWORD, AuthActions, free_port, post_form
+from conftest import PASSWORD, AuthActions, csrf_token, free_port, post_form
 
 
 @pytest.fixture(params=["fakeredis", "redis"])
@@ -371,6 +373,262 @@ def test_login_limit_answers_json_to_json_clients(app: Flask, client: FlaskClien
     assert response.status_code == 429
     assert response.json["error"]["code"] == "too_many_requests"
     assert "Retry-After" in response.headers
+
+
+# --- the login throttle -------------------------------------------------------------------------
+
+LOGIN_LIMIT, LOGIN_WINDOW = 10, 900  # the defaults: 10 attempts in 15 minutes
+OWNER = "owner@example.com"
+
+
+class Clock:
+    """The time dal's limits count in, moved by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        """The current time."""
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """A stopped clock for the limits, at an arbitrary moment."""
+    stopped = Clock(1_700_000_000.25)
+    monkeypatch.setattr(dal, "clock", stopped)
+    return stopped
+
+
+def make_owner(app: Flask) -> None:
+    """The account the tests log in to (straight into the database: no sign-up flow)."""
+    with app.app_context(), dal.transaction() as conn:
+        dal.insert_user(conn, OWNER, services.hash_password(PASSWORD))
+
+
+@pytest.fixture
+def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every password the login service checks (a counting wrapper round the real check)."""
+    checked: list[str] = []
+    lock = threading.Lock()
+    real = services.check_password_hash
+
+    def counting(password_hash: str, password: str) -> bool:
+        with lock:
+            checked.append(password)
+        # A real scrypt check takes a while: the gap in which unguarded guesses pile up.
+        time.sleep(0.02)
+        return real(password_hash, password)
+
+    monkeypatch.setattr(services, "check_password_hash", counting)
+    return checked
+
+
+def simultaneous_logins(app: Flask, passwords: list[str]) -> list[Any]:
+    """POST /login with each password at the same moment, each from its own client."""
+    clients = [app.test_client() for _ in passwords]
+    tokens = [csrf_token(client, "/login") for client in clients]
+    start = threading.Barrier(len(passwords))
+    answers: list[Any] = [None] * len(passwords)
+
+    def attempt(index: int) -> None:
+        start.wait()
+        answers[index] = clients[index].post(
+            "/login",
+            data={"email": OWNER, "password": passwords[index], "csrf_token": tokens[index]},
+        )
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(len(passwords))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def assert_at_most_the_limit_checked(app: Flask, password_checks: list[str]) -> None:
+    """40 simultaneous wrong passwords: exactly LOGIN_LIMIT are checked, the rest get 429."""
+    make_owner(app)
+    answers = simultaneous_logins(app, [f"wrong {n}" for n in range(40)])
+    codes = [answer.status_code for answer in answers]
+    assert len(password_checks) == LOGIN_LIMIT
+    assert sorted(codes) == [422] * LOGIN_LIMIT + [429] * (40 - LOGIN_LIMIT)
+    retry_after = {int(a.headers["Retry-After"]) for a in answers if a.status_code == 429}
+    assert retry_after == {LOGIN_WINDOW}  # all at one moment (a stopped clock): a window away
+
+
+def test_simultaneous_wrong_passwords_are_counted_before_they_are_checked(
+    app: Flask, password_checks: list[str], clock: Clock
+) -> None:
+    assert_at_most_the_limit_checked(app, password_checks)
+
+
+def test_with_redis_unreachable_simultaneous_logins_are_counted_before_too(
+    redis_down_app: Flask, password_checks: list[str], clock: Clock
+) -> None:
+    assert_at_most_the_limit_checked(redis_down_app, password_checks)
+
+
+def test_retry_after_is_when_the_oldest_attempt_leaves_the_window(
+    app: Flask, client: FlaskClient, clock: Clock
+) -> None:
+    make_owner(app)
+    auth = AuthActions(client, app)
+    for n in range(LOGIN_LIMIT):
+        assert auth.login(password=f"wrong {n}").status_code == 422
+        clock.now += 30
+    # Ten attempts 30 s apart, the first 300 s ago: it leaves the window in 600 s.
+    refused = auth.login()
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == str(LOGIN_WINDOW - 300)
+    clock.now += LOGIN_WINDOW - 300 - 1
+    still = auth.login()
+    assert still.status_code == 429
+    assert still.headers["Retry-After"] == "1"
+    clock.now += 1
+    assert auth.login().status_code == 302  # exactly then, with the right password
+    # The success took back only its own attempt: the nine later failures still count.
+    auth.logout()
+    assert auth.login(password="wrong again").status_code == 422
+    refused = auth.login()
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "30"  # the second failure leaves next
+
+
+def test_a_right_password_does_not_clear_the_failures_of_its_address(
+    app: Flask, client: FlaskClient, clock: Clock
+) -> None:
+    make_owner(app)
+    auth = AuthActions(client, app)
+    for n in range(LOGIN_LIMIT - 1):
+        auth.login(email="victim@example.com", password=f"guess {n}")
+    for _ in range(3):  # the attacker's own account, from the same address
+        assert auth.login().status_code == 302
+        auth.logout()
+    assert auth.login(email="victim@example.com", password="guess 9").status_code == 422
+    assert auth.login(email="victim@example.com", password="guess 10").status_code == 429
+
+
+def test_an_address_limit_counts_attempts_on_every_account(
+    app: Flask, client: FlaskClient, clock: Clock
+) -> None:
+    auth = AuthActions(client, app)
+    codes = [auth.login(email=f"u{n}@example.com", password="x").status_code for n in range(12)]
+    assert codes == [422] * LOGIN_LIMIT + [429] * 2
+
+
+class LoginLimiter(RuleBasedStateMachine):
+    """Attempts and pauses against two limits (an account's and an address's), compared with a
+    model: the timestamps of the attempts that were let through."""
+
+    def __init__(self, app: Flask, clock: Clock) -> None:
+        super().__init__()
+        self.app, self.clock = app, clock
+        run = uuid.uuid4().hex[:8]
+        self.limits = [
+            dal.Limit(f"acct:{run}", 3, 60),
+            dal.Limit(f"ip:{run}", 5, 100),
+        ]
+        self.admitted: list[tuple[float, str]] = []  # (time, ticket) still counted
+        self.retry_after = 0
+
+    def first_allowed(self) -> float:
+        """The first moment from now at which the model lets an attempt through."""
+        moment = self.clock.now
+        for limit in self.limits:
+            recent = sorted(at for at, _ in self.admitted if at > moment - limit.seconds)
+            if len(recent) >= limit.count:
+                moment = max(moment, recent[len(recent) - limit.count] + limit.seconds)
+        return moment
+
+    @rule(succeeds=st.booleans())
+    def attempt(self, succeeds: bool) -> None:
+        """An attempt: let through exactly when the model has room, else told when it has."""
+        expected_at = self.first_allowed()
+        with self.app.app_context():
+            admission = dal.admit_attempt(self.limits)
+            if admission.exceeded is None and succeeds:
+                dal.withdraw_attempt(self.limits, admission.ticket)
+        if expected_at == self.clock.now:
+            assert admission.exceeded is None
+            if not succeeds:
+                self.admitted.append((self.clock.now, admission.ticket))
+        else:
+            assert admission.exceeded is not None
+            assert admission.retry_after == math.ceil(expected_at - self.clock.now)
+            self.retry_after = admission.retry_after
+
+    @rule(seconds=st.floats(0, 150) | st.integers(0, 150))
+    def wait(self, seconds: float) -> None:
+        """Time passes."""
+        self.clock.now += seconds
+
+    @rule(short=st.sampled_from([0, 1]))
+    def wait_for_retry_after(self, short: int) -> None:
+        """Wait the last Retry-After, or one second less."""
+        self.clock.now += max(self.retry_after - short, 0)
+        self.retry_after = 0
+
+    @invariant()
+    def never_more_than_a_limit_in_any_window(self) -> None:
+        """Any window of a limit's length holds at most its count of admitted attempts."""
+        times = sorted(at for at, _ in self.admitted)
+        for limit in self.limits:
+            for start in times:
+                inside = [at for at in times if start <= at < start + limit.seconds]
+                assert len(inside) <= limit.count
+
+
+def run_limiter_model(app: Flask, clock: Clock) -> None:
+    """Run LoginLimiter against this app's limits."""
+    run_state_machine_as_test(
+        lambda: LoginLimiter(app, clock),
+        settings=settings(
+            max_examples=60,
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+
+
+def test_the_login_limiter_matches_its_model(app: Flask, clock: Clock) -> None:
+    run_limiter_model(app, clock)
+
+
+def test_with_redis_unreachable_the_login_limiter_matches_its_model(
+    redis_down_app: Flask, clock: Clock
+) -> None:
+    run_limiter_model(redis_down_app, clock)
+
+
+@settings(max_examples=1000)
+@given(
+    count=st.integers(1, 20),
+    seconds=st.sampled_from([60, 900, 3600]),
+    current=st.integers(0, 60),
+    previous=st.integers(0, 60),
+    into_window=st.floats(0, 1, exclude_max=True),
+)
+def test_the_other_limits_say_when_a_retry_fits_too(
+    count: int, seconds: int, current: int, previous: int, into_window: float
+) -> None:
+    # Submissions, sign-ups and API calls use a sliding-window estimate (two fixed windows);
+    # its Retry-After is when a retry, itself counted, first fits if nothing else comes.
+    limit = dal.Limit("estimate", count, seconds)
+    start = 1000 * seconds  # early in the epoch: times exact to far below a microsecond
+    now = start + into_window * seconds
+    refused = dal._decide([limit], [(current, previous)], now)
+    assume(refused.exceeded is not None)
+
+    def retry_fits(at: float) -> bool:
+        """Whether a retry at ``at`` is let through (the counts it would meet)."""
+        later = int(at // seconds) - int(now // seconds)
+        counts = [(current + 1, previous), (1, current)][later] if later < 2 else (1, 0)
+        return dal._decide([limit], [counts], at).exceeded is None
+
+    assert retry_fits(now + refused.retry_after)
+    assert not retry_fits(now + refused.retry_after - 1)
 
 
 def test_sign_up_is_limited_per_address(overrides: dict[str, Any], redis_backend: str) -> None:

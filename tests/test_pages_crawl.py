@@ -112,6 +112,7 @@ def assert_security_headers(response: Any, frame_ancestors: str = "'none'") -> N
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Referrer-Policy"] == "strict-origin-when-cross-origin"
     assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
+    assert response.headers.get("Content-Type", "").count("charset=") <= 1
 
 
 def assert_clean_page(path: str, response: Any) -> None:
