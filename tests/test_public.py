@@ -292,8 +292,17 @@ def test_hostile_next_falls_back_to_the_redirect_url(shared: FormMaker) -> None:
     [
         (["ok.example"], "https://ok.example/c", "https://ok.example/m", "https://ok.example/m"),
         (["ok.example"], "https://ok.example/c", "/m", "https://ok.example/m"),
-        (["ok.example"], "https://ok.example/c", "https://OK.example/m", "https://OK.example/m"),
+        (["ok.example"], "https://ok.example/c", "https://OK.example/m", "https://ok.example/m"),
+        (["ok.example"], None, "https://ok.example:443/m", "https://ok.example/m"),
         (["ok.example"], None, "https://ok.example:8443/m", "https://ok.example:8443/m"),
+        (["ok.example:8443"], None, "https://ok.example:8443/m", "https://ok.example:8443/m"),
+        (["ok.example:8443"], None, "https://ok.example/m", None),
+        (
+            ["xn--bcher-kva.example"],
+            None,
+            "https://bücher.example/ä",
+            "https://xn--bcher-kva.example/%C3%A4",
+        ),
         (["ok.example"], None, f"{BASE_URL}/f/x/thanks", f"{BASE_URL}/f/x/thanks"),
         ([], "https://site.example/c", "https://site.example/m", "https://site.example/m"),
         ([], "https://site.example/c", "m", "https://site.example/m"),
