@@ -483,28 +483,47 @@ def _available(form: dal.CachedForm | None) -> dal.CachedForm:
     return form
 
 
-def _on_trusted_site(form: dal.Row, url: forms.WebUrl) -> bool:
-    """Whether ``url`` is on Mailslot's own site or on one of the form's allowed domains (an
-    entry that names a port matches that port only)."""
+def _on_trusted_site(form: dal.Row, url: forms.WebUrl, *, exact_port: bool) -> bool:
+    """Whether ``url`` is on Mailslot's own site or on one of the form's allowed domains.
+
+    An allowed entry that names a port matches that port only. One that names none matches
+    any port of its host for the site a post comes from (``exact_port`` False), and only the
+    scheme's default port for where a browser is sent (``exact_port`` True).
+    """
     own = forms.parse_web_url(settings().base_url)
     if own is not None and (url.host, url.port) == (own.host, own.port):
         return True
     for entry in form.allowed_domains or []:
         name, _, port = entry.partition(":")
-        if name == url.host and (not port or (port.isdigit() and int(port) == url.port)):
+        if name != url.host:
+            continue
+        if port:
+            if port.isdigit() and int(port) == url.port:
+                return True
+        elif not exact_port or url.port == forms.DEFAULT_PORTS[url.scheme]:
             return True
     return False
 
 
 def origin_allowed(form: dal.Row, origin: str | None, referrer: str | None) -> bool:
-    """Cross-site posts only from the allowed domains, when the owner listed any."""
+    """Cross-site posts only from the allowed domains, when the owner listed any.
+
+    ``Origin: null`` (a sandboxed frame, a local file, a privacy-preserving context) hides the
+    site, so the Referer must then name an allowed one. No Origin and no Referer at all is not
+    a browser posting from another page, and passes.
+    """
     if not form.allowed_domains:
         return True
-    claimed = origin if origin and origin != "null" else referrer
+    if origin and origin.strip().lower() == "null":
+        if not referrer:
+            return False
+        claimed = referrer
+    else:
+        claimed = origin or referrer
     if not claimed:
-        return True  # not a browser post from another page: nothing claims a site
+        return True
     url = forms.parse_web_url(claimed)
-    return url is not None and _on_trusted_site(form, url)
+    return url is not None and _on_trusted_site(form, url, exact_port=False)
 
 
 def cors_origin(form: dal.Row | None, origin: str | None) -> str | None:
@@ -512,7 +531,7 @@ def cors_origin(form: dal.Row | None, origin: str | None) -> str | None:
     if form is None or not form.allowed_domains:
         return "*"
     url = forms.parse_web_url(origin)
-    if url is not None and _on_trusted_site(form, url):
+    if url is not None and _on_trusted_site(form, url, exact_port=False):
         return origin
     return None
 
@@ -527,7 +546,7 @@ def safe_redirect(form: dal.Row, next_url: Any, posted_from: str | None) -> str 
     target = forms.parse_web_url(next_url, base=page.url if page else settings().base_url + "/")
     if target is None:
         return None
-    if _on_trusted_site(form, target):
+    if _on_trusted_site(form, target, exact_port=True):
         return target.url
     if not form.allowed_domains and page is not None:
         return target.url if (target.host, target.port) == (page.host, page.port) else None

@@ -294,7 +294,7 @@ def test_hostile_next_falls_back_to_the_redirect_url(shared: FormMaker) -> None:
         (["ok.example"], "https://ok.example/c", "/m", "https://ok.example/m"),
         (["ok.example"], "https://ok.example/c", "https://OK.example/m", "https://ok.example/m"),
         (["ok.example"], None, "https://ok.example:443/m", "https://ok.example/m"),
-        (["ok.example"], None, "https://ok.example:8443/m", "https://ok.example:8443/m"),
+        (["ok.example"], None, "https://ok.example:8443/m", None),
         (["ok.example:8443"], None, "https://ok.example:8443/m", "https://ok.example:8443/m"),
         (["ok.example:8443"], None, "https://ok.example/m", None),
         (

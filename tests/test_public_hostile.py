@@ -572,6 +572,67 @@ def test_odd_header_values_never_fail_the_pages(
 
 
 # =================================================================================================
+# Allowed domains: Origin null, and the ports _next may go to
+# =================================================================================================
+
+
+def test_origin_null_without_a_referer_is_refused_when_domains_are_listed(site: Site) -> None:
+    headers = (("Origin", "null"),)
+    assert_refused_site(
+        post_and_check(
+            site, Req("guarded", fields=(("message", "hi"),), headers=headers + JSON_ANSWER)
+        )
+    )
+    page = post_and_check(site, Req("guarded", fields=(("message", "hi"),), headers=headers))
+    assert page.status_code == 403
+    assert "This form does not accept submissions from this website." in page.get_data(as_text=True)
+    vouched = post_and_check(
+        site, Req("guarded", fields=(("message", "hi"),), headers=headers + FROM_OK)
+    )
+    assert vouched.status_code == 303
+    open_form = post_and_check(site, Req("open", fields=(("message", "hi"),), headers=headers))
+    assert open_form.status_code == 303
+
+
+@pytest.mark.parametrize(
+    ("next_url", "followed"),
+    [
+        ("https://ok.example/merci", True),
+        ("https://ok.example:443/merci", True),
+        ("http://ok.example:80/merci", True),
+        ("https://ok.example:8443/merci", False),
+        ("http://ok.example:443/merci", False),
+        ("https://ok.example:1/merci", False),
+        ("https://shop.example:8443/merci", True),
+        ("http://shop.example:8443/merci", True),
+        ("https://shop.example/merci", False),
+        ("https://shop.example:443/merci", False),
+        (f"{BASE_URL}/f/x/thanks", True),
+        ("http://mailslot.test:8080/f/x/thanks", False),
+    ],
+)
+def test_next_is_followed_only_on_the_port_the_allowed_entry_names(
+    site: Site, next_url: str, followed: bool
+) -> None:
+    fields = (("message", "hi"), ("_next", next_url))
+    response = post_and_check(site, Req("guarded", fields=fields, headers=FROM_OK))
+    assert response.status_code == 303
+    expected = next_url.replace(":443/", "/").replace(":80/", "/") if followed else None
+    default = f"{BASE_URL}/f/{site.forms['guarded']}{THANKS}"
+    assert response.headers["Location"] == (expected or default)
+
+
+def test_next_without_allowed_domains_stays_on_the_posting_sites_port(site: Site) -> None:
+    headers = (("Referer", "https://site.example:8443/contact"),)
+    same = post_and_check(site, Req("open", fields=(("_next", "/merci"),), headers=headers))
+    assert same.headers["Location"] == "https://site.example:8443/merci"
+    other = post_and_check(
+        site, Req("open", fields=(("_next", "https://site.example/merci"),), headers=headers)
+    )
+    assert other.headers["Location"] == f"{BASE_URL}/f/{site.forms['open']}{THANKS}"
+
+
+# =================================================================================================
 # Properties: generated requests at every public route
 # =================================================================================================
 
