@@ -1190,7 +1190,10 @@ def hosted_page(public_id: str) -> Any:
 def _render_hosted(record: Any, form: Any) -> str:
     """The hosted page, with a fresh signed render stamp for the spam check."""
     return render_template(
-        "hosted.html", record=record, form=form, render_token=services.render_token()
+        "hosted.html",
+        record=record,
+        form=form,
+        render_token=services.render_token(record.public_id),
     )
 
 
@@ -1209,7 +1212,7 @@ def hosted_submit(public_id: str) -> Any:
     g.public_form = record
     form = forms.hosted_form_class(record.fields or [])()
     stamp = request.form.get("_rendered")
-    if not (_session_csrf_valid() or services.render_stamp_valid(stamp)):
+    if not (_session_csrf_valid() or services.render_stamp_valid(stamp, record.public_id)):
         form.form_errors.append("This form expired. Reload the page and send it again.")
         return _render_hosted(record, form), 400
     try:

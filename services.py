@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import structlog
 from flask import current_app
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadData, BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -762,31 +762,33 @@ def check_signup_rate(client_ip: str | None) -> None:
         raise RateLimited(result.retry_after)
 
 
-def render_token() -> str:
-    """A signed timestamp for the hosted page, checked when the page is submitted."""
-    return URLSafeTimedSerializer(current_app.secret_key, salt="mailslot.render").dumps(
-        round(time.time(), 3)
-    )
+def _render_serializer(public_id: str) -> URLSafeTimedSerializer:
+    """Signs the render stamps of one form's hosted page: another form's stamp fails its check."""
+    return URLSafeTimedSerializer(current_app.secret_key, salt=f"mailslot.render:{public_id}")
 
 
-def _render_age(token: Any) -> float | None:
-    """Seconds since a hosted page was rendered, or None for a missing or forged token."""
+def render_token(public_id: str) -> str:
+    """A signed timestamp for this form's hosted page, checked when the page is submitted."""
+    return _render_serializer(public_id).dumps(round(time.time(), 3))
+
+
+def _render_age(token: Any, public_id: str) -> float | None:
+    """Seconds since this form's hosted page was rendered; None for a missing or forged token,
+    or one rendered for another form."""
     if isinstance(token, list):
         token = token[0] if len(token) == 1 else None
     if not isinstance(token, str):
         return None
     try:
-        rendered = URLSafeTimedSerializer(current_app.secret_key, salt="mailslot.render").loads(
-            token
-        )
-    except BadSignature:
+        rendered = _render_serializer(public_id).loads(token)
+    except BadData:
         return None
     return time.time() - float(rendered) if isinstance(rendered, int | float) else None
 
 
-def render_stamp_valid(token: Any) -> bool:
-    """A genuine render stamp of our hosted page, at most a day old."""
-    age = _render_age(token)
+def render_stamp_valid(token: Any, public_id: str) -> bool:
+    """A genuine render stamp of this form's hosted page, at most a day old."""
+    age = _render_age(token, public_id)
     return age is not None and -60 < age < 24 * 3600
 
 
@@ -801,7 +803,7 @@ def spam_reasons(
     if links > conf.spam_max_links:
         reasons.append((0.6 if links < 2 * conf.spam_max_links + 1 else 1.0, f"{links} links"))
     if hosted:
-        age = _render_age(rendered)
+        age = _render_age(rendered, form.public_id)
         if age is None:
             reasons.append((0.5, "the page's render stamp is missing or forged"))
         elif age < conf.spam_min_seconds:

@@ -10,6 +10,7 @@ hit, which answers like a success by design), and every other answer stored noth
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import uuid
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 
 import dal
 import microapp
+import services
 from conftest import FAST_HASH, AuthActions, _wipe_postgres, post_form
 
 BASE_URL = "http://mailslot.test"
@@ -630,6 +632,50 @@ def test_next_without_allowed_domains_stays_on_the_posting_sites_port(site: Site
         site, Req("open", fields=(("_next", "https://site.example/merci"),), headers=headers)
     )
     assert other.headers["Location"] == f"{BASE_URL}/f/{site.forms['open']}{THANKS}"
+
+
+# =================================================================================================
+# The hosted page's render stamp is bound to its form
+# =================================================================================================
+
+
+@pytest.mark.parametrize("stamp", ["valid", "other"])
+def test_render_stamp_is_accepted_only_on_its_own_form(site: Site, stamp: str) -> None:
+    """The stamp stands in for the session's CSRF token: one form's stamp must not open another."""
+    req = Req("open", fields=(("name", "Ann"), ("email", "a@example.org"), ("message", "hi")))
+    response = post_and_check(site, dataclasses.replace(req, stamp=stamp), "/f/{id}/page")
+    if stamp == "valid":
+        assert response.status_code == 303
+    else:
+        assert response.status_code == 400
+        assert "This form expired. Reload the page and send it again." in response.get_data(
+            as_text=True
+        )
+
+
+def test_render_stamp_of_another_form_counts_as_forged_for_spam_timing(site: Site) -> None:
+    """With a valid session token the post goes through, but another form's stamp is no stamp."""
+    public_id, other = site.forms["open"], site.forms["guarded"]
+    visitor = site.visitor()
+    page = visitor.get(f"/f/{public_id}").get_data(as_text=True)
+    token = page.split('name="csrf_token" type="hidden" value="', 1)[1].split('"', 1)[0]
+    data = {
+        "name": "Ann",
+        "email": "a@example.org",
+        "message": "hi",
+        "csrf_token": token,
+        "_rendered": site.stamp(other),
+    }
+    assert visitor.post(f"/f/{public_id}/page", data=data).status_code == 303
+    reasons = site.newest(public_id).spam_reason.split("; ")
+    assert "the page's render stamp is missing or forged" in reasons
+
+
+def test_render_stamp_binds_its_form_in_the_service(site: Site) -> None:
+    with site.app.test_request_context():
+        stamp = services.render_token(site.forms["open"])
+        assert services.render_stamp_valid(stamp, site.forms["open"])
+        assert not services.render_stamp_valid(stamp, site.forms["guarded"])
 
 
 # =================================================================================================
