@@ -413,7 +413,7 @@ def one_line(value: Any) -> str | None:
     return " ".join(_CONTROLS_RE.sub(" ", decode_text(value)).split()) or None
 
 
-def header_text(value: str | None) -> str:
+def request_header_text(value: str | None) -> str:
     """A request header as the text the client meant: servers hand header bytes over as
     latin-1, browsers send UTF-8. Decoded like any submitted text."""
     if not value:

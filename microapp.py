@@ -1102,10 +1102,10 @@ def _intake(public_id: str, hosted: bool) -> services.IntakeResult:
         services.IntakeRequest(
             public_id=public_id,
             payload=_read_payload(),
-            origin=forms.header_text(request.headers.get("Origin")),
-            referrer=forms.header_text(request.referrer),
+            origin=forms.request_header_text(request.headers.get("Origin")),
+            referrer=forms.request_header_text(request.referrer),
             client_ip=request.remote_addr,
-            user_agent=forms.header_text(request.user_agent.string),
+            user_agent=forms.request_header_text(request.user_agent.string),
             hosted=hosted,
         )
     )
@@ -1251,7 +1251,7 @@ def thanks(public_id: str) -> Any:
 
 def _back_link(record: Any) -> tuple[str, str]:
     """Back to the site the submitter came from when the browser says so, else to the form."""
-    came_from = forms.parse_web_url(forms.header_text(request.referrer))
+    came_from = forms.parse_web_url(forms.request_header_text(request.referrer))
     here = forms.parse_web_url(request.host_url)
     if came_from is not None and (
         here is None or (came_from.host, came_from.port) != (here.host, here.port)

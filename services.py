@@ -423,7 +423,7 @@ def export_json(form: dal.Row) -> Iterator[str]:
 # =================================================================================================
 
 
-SUBJECT_MAX_LENGTH = 250
+STORED_SUBJECT_MAX_LENGTH = 250
 
 
 class FormUnavailable(Exception):
@@ -575,7 +575,7 @@ def _submission_meta(values: dict[str, Any]) -> dict[str, str]:
     meta = {}
     subject = forms.one_line(_control_value(values, "_subject"))
     if subject:
-        meta["subject"] = subject[:SUBJECT_MAX_LENGTH]
+        meta["subject"] = subject[:STORED_SUBJECT_MAX_LENGTH]
     reply_to = forms.one_line(_control_value(values, "_replyto"))
     if reply_to and len(reply_to) <= forms.EMAIL_ADDRESS_MAX_LENGTH:
         meta["reply_to"] = reply_to

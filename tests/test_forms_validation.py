@@ -323,8 +323,8 @@ def test_one_line_flattens_white_space_and_controls(value, expected):
         (None, ""),
     ],
 )
-def test_header_text_reads_header_bytes_as_utf8(raw, text):
-    assert forms.header_text(raw) == text
+def test_request_header_text_reads_header_bytes_as_utf8(raw, text):
+    assert forms.request_header_text(raw) == text
 
 
 # =============================================================================

@@ -113,8 +113,8 @@ def site(
     app = microapp.create_app(**overrides)
     app.config["TESTING"] = True
     if request.param == "postgresql":
-        with app.app_context():
-            dal.init_db()
+        created = app.test_cli_runner().invoke(args=["init-db"])
+        assert created.exit_code == 0, created.output
     owner = app.test_client()
     auth = AuthActions(owner, app)
     auth.signup()
