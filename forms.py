@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from flask import current_app
 from flask_wtf import FlaskForm
@@ -323,6 +328,198 @@ def validate_field_specs(raw: Any) -> tuple[list[dict[str, Any]], dict[str, list
 
 
 # =============================================================================
+# Decoding what submitters send: one step for every value, one URL parser
+# =============================================================================
+
+JSON_MAX_DEPTH = 32
+URL_MAX_LENGTH = 2000
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+MSG_JSON = "The body is not valid JSON. Send a JSON object of fields."
+MSG_JSON_DEPTH = (
+    f"The JSON is nested more than {JSON_MAX_DEPTH} levels deep. Send an object of fields with "
+    "plain values."
+)
+
+# NUL and lone surrogates cannot be stored in PostgreSQL text/JSONB or encoded as UTF-8.
+_UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
+# A JSON string, or an unterminated one up to the end; linear however the body is built.
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.S)
+_JSON_BRACKETS_RE = re.compile(r"[\[\]{}]")
+# Line breaks, tabs and other controls (C0, DEL, C1, the Unicode line separators).
+_CONTROLS_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Anything a browser reads differently from Python's URL parser: white space and controls (the
+# URL standard drops tabs and newlines inside a URL), backslashes (read as "/"), surrogates.
+_URL_REJECT_RE = re.compile("[\\s\x00-\x1f\x7f-\x9f\\\\\ud800-\udfff]")
+_URL_HOST_RE = re.compile(r"[a-z0-9_.-]+")
+_URL_SAFE = "/:@!$&'()*+,;=-._~%"
+
+
+def storable_text(text: str) -> str:
+    """`text` without what no database can store: NUL dropped, lone surrogates as U+FFFD."""
+    if not _UNSTORABLE_RE.search(text):
+        return text
+    return _UNSTORABLE_RE.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", text)
+
+
+def decode_text(text: str) -> str:
+    """Submitted text as Mailslot keeps it: storable, and in Unicode normal form C.
+
+    NFC only joins what is canonically the same text (`e` + combining acute is `é`), so a
+    name, a search or a blocked word matches however the submitter's keyboard composed it.
+    """
+    if text.isascii():
+        return text.replace("\x00", "") if "\x00" in text else text
+    return unicodedata.normalize("NFC", storable_text(text))
+
+
+def _decode_value(value: Any) -> Any:
+    """Every string inside a submitted value decoded; other scalars unchanged."""
+    if isinstance(value, str):
+        return decode_text(value)
+    if isinstance(value, list):
+        return [_decode_value(item) for item in value]
+    if isinstance(value, dict):
+        return decode_fields(value)
+    return value
+
+
+def decode_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Submitted fields with every name and every string value decoded (see `decode_text`).
+
+    Names that become equal (`café` typed two ways) are one field holding both values, as a
+    repeated name in a form body is. A part without a name (multipart allows one; browsers never
+    send one) is dropped.
+    """
+    decoded: dict[str, Any] = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            continue
+        name, clean = decode_text(key), _decode_value(value)
+        if name in decoded:
+            before = decoded[name]
+            clean = (before if isinstance(before, list) else [before]) + (
+                clean if isinstance(clean, list) else [clean]
+            )
+        decoded[name] = clean
+    return decoded
+
+
+def one_line(value: Any) -> str | None:
+    """A value for one line (a subject, a header we store): every run of white space and
+    control characters as one space, trimmed; None when nothing is left."""
+    if not isinstance(value, str):
+        return None
+    return " ".join(_CONTROLS_RE.sub(" ", decode_text(value)).split()) or None
+
+
+def request_header_text(value: str | None) -> str:
+    """A request header as the text the client meant: servers hand header bytes over as
+    latin-1, browsers send UTF-8. Decoded like any submitted text."""
+    if not value:
+        return ""
+    with contextlib.suppress(UnicodeEncodeError):  # not a server's bytes (a test client): text
+        value = value.encode("latin-1").decode("utf-8", "replace")
+    return decode_text(value)
+
+
+def _json_too_deep(text: str) -> bool:
+    """Whether JSON `text` nests arrays and objects more than JSON_MAX_DEPTH deep."""
+    brackets = _JSON_BRACKETS_RE.findall(_JSON_STRING_RE.sub("", text))
+    if len(brackets) <= JSON_MAX_DEPTH:
+        return False
+    depth = 0
+    for bracket in brackets:
+        depth += 1 if bracket in "[{" else -1
+        if depth > JSON_MAX_DEPTH:
+            return True
+    return False
+
+
+def load_json_fields(body: bytes) -> tuple[dict[str, Any], str | None]:
+    """A JSON body as fields, or ({}, the message for the client). Never raises.
+
+    The depth is bounded before parsing: deep nesting would exhaust the parser's recursion.
+    """
+    try:
+        text = body.decode(json.detect_encoding(body))
+    except UnicodeDecodeError:
+        return {}, MSG_JSON
+    if _json_too_deep(text):
+        return {}, MSG_JSON_DEPTH
+    try:
+        data = json.loads(text)
+    except ValueError:  # not JSON; or an integer longer than Python converts
+        return {}, MSG_JSON
+    return (data, None) if isinstance(data, dict) else ({}, MSG_JSON)
+
+
+@dataclass(frozen=True)
+class WebUrl:
+    """An absolute http(s) URL that parsed cleanly: what every site check compares.
+
+    `host` is lower-case ASCII (IDNA for names, no brackets for IPv6); `port` is the one written
+    or the scheme's default; `url` is re-assembled from these checked parts, ASCII only.
+    """
+
+    scheme: str
+    host: str
+    port: int
+    url: str
+
+
+def _web_host(name: str) -> str | None:
+    """A URL's host as a lower-case ASCII name or IP address, or None when it is neither."""
+    if ":" in name:  # from [brackets]: Python has checked it is an IPv6 address
+        if "%" in name:
+            return None  # a zone id names an interface of the client's machine
+        try:
+            return ipaddress.IPv6Address(name).compressed
+        except ValueError:
+            return None
+    try:
+        host = name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+    return host if _URL_HOST_RE.fullmatch(host) else None
+
+
+def parse_web_url(text: Any, base: str | None = None) -> WebUrl | None:
+    """`text`, resolved against `base` when given, as an absolute http(s) URL; else None.
+
+    Never raises. None for anything a browser might read differently from us: white space,
+    controls or backslashes anywhere, user info, a port outside 1-65535, a host that is not a
+    name (after IDNA) or an IP address, a host that Unicode normalisation would turn into URL
+    syntax (the full-width forms of `#` and `/`). A Location header built from `.url` sends the
+    browser exactly where the checks looked.
+    """
+    if not isinstance(text, str) or not text or len(text) > URL_MAX_LENGTH:
+        return None
+    if _URL_REJECT_RE.search(text):
+        return None
+    try:
+        parts = urlsplit(urljoin(base, text) if base else text)
+        port, name = parts.port, parts.hostname
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not name or "@" in parts.netloc or port == 0:
+        return None
+    host = _web_host(name)
+    if host is None:
+        return None
+    port = DEFAULT_PORTS[scheme] if port is None else port
+    netloc = f"[{host}]" if ":" in host else host
+    if port != DEFAULT_PORTS[scheme]:
+        netloc += f":{port}"
+    path, query, fragment = (
+        quote(part, safe=_URL_SAFE + "?") for part in (parts.path, parts.query, parts.fragment)
+    )
+    url = urlunsplit((scheme, netloc, path, query, fragment))
+    return WebUrl(scheme, host, port, url) if len(url) <= URL_MAX_LENGTH else None
+
+
+# =============================================================================
 # Submission validation: one pure function, the single source of truth
 # =============================================================================
 
@@ -345,8 +542,6 @@ CHECKBOX_FALSE = frozenset({"", "off", "false", "0", "no"})
 EMAIL_ADDRESS_MAX_LENGTH = 254
 
 _MISSING: Any = object()
-# NUL and lone surrogates cannot be stored in PostgreSQL text/JSONB or encoded as UTF-8.
-_UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
 _UNPRINTABLE_KEY_RE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 _EMAIL_RE = re.compile(r"[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+")
 _INT_RE = re.compile(r"[+-]?[0-9]+")
@@ -364,7 +559,7 @@ def _format_number(value: float) -> str:
 
 def _clean_text(value: str) -> str:
     """`value` trimmed, without characters no database can store (NUL; lone surrogates)."""
-    return _UNSTORABLE_RE.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", value).strip()
+    return storable_text(value).strip()
 
 
 def _collapse_value(value: Any, max_value_length: int) -> tuple[Any, str | None]:

@@ -18,14 +18,15 @@ import uuid
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import IO, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import click
 import structlog
 from flask import (
     Blueprint,
     Flask,
+    Request,
     abort,
     current_app,
     flash,
@@ -49,11 +50,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 from sqlalchemy.exc import OperationalError
+from werkzeug.datastructures import ImmutableMultiDict
 from werkzeug.exceptions import (
     HTTPException,
     InternalServerError,
     TooManyRequests,
 )
+from werkzeug.formparser import FormDataParser
 from werkzeug.routing import BaseConverter
 from wtforms.validators import ValidationError as FormValidationError
 
@@ -408,6 +411,65 @@ def _log_request(sender: Flask, response: Any, **_extra: Any) -> None:
 csrf = CSRFProtect()
 csrf.exempt(api)  # bearer tokens only: the API never reads the session cookie
 
+MSG_NO_BOUNDARY = (
+    "The multipart/form-data body has no boundary in its Content-Type header. Let the browser "
+    "or your HTTP library set the header, and send again."
+)
+MSG_EMPTY_MULTIPART = "The multipart/form-data body is empty. Send the form's fields in it."
+MSG_UNREADABLE_MULTIPART = (
+    "The multipart/form-data body could not be read. Check that it uses the boundary its "
+    "Content-Type header names, and send again."
+)
+
+
+class UnreadableForm(ImmutableMultiDict[str, str]):
+    """No fields, because the body could not be read; ``problem`` tells the sender why."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__()
+        self.problem = problem
+
+
+class _FormParser(FormDataParser):
+    """Werkzeug's form parser, changed where it would silently turn a body into no fields.
+
+    A urlencoded body is decoded as the URL standard says: bytes that are not UTF-8 (raw or
+    percent-encoded) become U+FFFD, where Werkzeug drops the whole body over one such byte. A
+    multipart body that cannot be read (no boundary, another boundary, part headers that are
+    not UTF-8, no body at all) gives an ``UnreadableForm`` instead of an empty form.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "silent": False})
+
+    def parse(
+        self,
+        stream: IO[bytes],
+        mimetype: str,
+        content_length: int | None,
+        options: dict[str, str] | None = None,
+    ) -> Any:
+        """(stream, form, files) for this body."""
+        if mimetype == "application/x-www-form-urlencoded":
+            text = stream.read().decode("utf-8", "replace")
+            pairs = parse_qsl(text, keep_blank_values=True, errors="replace")
+            return stream, self.cls(pairs), self.cls()
+        if mimetype == "multipart/form-data":
+            if not (options or {}).get("boundary"):
+                return stream, UnreadableForm(MSG_NO_BOUNDARY), self.cls()
+            if content_length == 0:  # even a form without fields sends its closing boundary
+                return stream, UnreadableForm(MSG_EMPTY_MULTIPART), self.cls()
+        try:
+            return super().parse(stream, mimetype, content_length, options)
+        except ValueError:
+            return stream, UnreadableForm(MSG_UNREADABLE_MULTIPART), self.cls()
+
+
+class MailslotRequest(Request):
+    """Flask's request, with the form parser above."""
+
+    form_data_parser_class = _FormParser
+
 
 def create_app(**overrides: Any) -> Flask:
     """Build the app. Keyword arguments override settings (tests); nothing touches the network."""
@@ -417,6 +479,7 @@ def create_app(**overrides: Any) -> Flask:
     instance_dir.mkdir(parents=True, exist_ok=True)
 
     app = Flask(__name__, instance_path=str(instance_dir))
+    app.request_class = MailslotRequest
     production = settings.env == "production"
     app.config.update(
         SECRET_KEY=resolve_secret_key(settings),
@@ -1062,11 +1125,13 @@ def _limit_public_bodies(sender: Flask, **_extra: Any) -> None:
 def _read_payload() -> services.Payload:
     """Parse the body of a submission, whatever kind of client sent it."""
     if request.mimetype == "application/json":
-        data = request.get_json(silent=True)
-        if not isinstance(data, dict):
-            return services.Payload("invalid_json")
-        return services.Payload("json", data)
+        values, problem = forms.load_json_fields(request.get_data(cache=True))
+        if problem is not None:
+            return services.Payload("unreadable", problem=problem)
+        return services.Payload("json", values)
     if request.mimetype in _FORM_TYPES:
+        if isinstance(request.form, UnreadableForm):
+            return services.Payload("unreadable", problem=request.form.problem)
         values = {key: items for key, items in request.form.to_dict(flat=False).items()}
         has_files = any(f.filename for f in request.files.values())
         return services.Payload("form", values, has_files=has_files)
@@ -1088,10 +1153,10 @@ def _intake(public_id: str, hosted: bool) -> services.IntakeResult:
         services.IntakeRequest(
             public_id=public_id,
             payload=_read_payload(),
-            origin=request.headers.get("Origin"),
-            referrer=request.referrer,
+            origin=forms.request_header_text(request.headers.get("Origin")),
+            referrer=forms.request_header_text(request.referrer),
             client_ip=request.remote_addr,
-            user_agent=request.user_agent.string,
+            user_agent=forms.request_header_text(request.user_agent.string),
             hosted=hosted,
         )
     )
@@ -1176,7 +1241,10 @@ def hosted_page(public_id: str) -> Any:
 def _render_hosted(record: Any, form: Any) -> str:
     """The hosted page, with a fresh signed render stamp for the spam check."""
     return render_template(
-        "hosted.html", record=record, form=form, render_token=services.render_token()
+        "hosted.html",
+        record=record,
+        form=form,
+        render_token=services.render_token(record.public_id),
     )
 
 
@@ -1195,7 +1263,7 @@ def hosted_submit(public_id: str) -> Any:
     g.public_form = record
     form = forms.hosted_form_class(record.fields or [])()
     stamp = request.form.get("_rendered")
-    if not (_session_csrf_valid() or services.render_stamp_valid(stamp)):
+    if not (_session_csrf_valid() or services.render_stamp_valid(stamp, record.public_id)):
         form.form_errors.append("This form expired. Reload the page and send it again.")
         return _render_hosted(record, form), 400
     try:
@@ -1234,10 +1302,12 @@ def thanks(public_id: str) -> Any:
 
 def _back_link(record: Any) -> tuple[str, str]:
     """Back to the site the submitter came from when the browser says so, else to the form."""
-    referrer = request.referrer or ""
-    parts = urlsplit(referrer)
-    if parts.scheme in ("http", "https") and parts.hostname and parts.netloc != request.host:
-        return referrer, f"Back to {parts.hostname}"
+    came_from = forms.parse_web_url(forms.request_header_text(request.referrer))
+    here = forms.parse_web_url(request.host_url)
+    if came_from is not None and (
+        here is None or (came_from.host, came_from.port) != (here.host, here.port)
+    ):
+        return came_from.url, f"Back to {came_from.host}"
     return url_for("public.hosted_page", public_id=record.public_id), "Back to the form"
 
 

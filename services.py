@@ -22,11 +22,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import structlog
 from flask import current_app
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadData, BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -527,6 +527,9 @@ def export_json(form: dal.Row) -> Iterator[str]:
 # =================================================================================================
 
 
+STORED_SUBJECT_MAX_LENGTH = 250
+
+
 class FormUnavailable(Exception):
     """Intake refused before storing anything; ``status`` and ``message`` say why."""
 
@@ -541,9 +544,10 @@ class FormUnavailable(Exception):
 class Payload:
     """What the view read from the request body, before any rule is applied."""
 
-    kind: str  # "form", "json", "invalid_json", "unsupported"
+    kind: str  # "form", "json", "unreadable" (``problem`` says why), "unsupported"
     values: dict[str, Any] = field(default_factory=dict)
     has_files: bool = False
+    problem: str = ""
 
 
 @dataclass
@@ -583,65 +587,74 @@ def _available(form: dal.CachedForm | None) -> dal.CachedForm:
     return form
 
 
-def _host_of(url: str | None) -> str | None:
-    """The lower-cased host[:port] of an absolute http(s) URL, or None."""
-    if not url:
-        return None
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or not host:
-        return None
-    return f"{host}:{port}" if port else host
+def _on_trusted_site(form: dal.Row, url: forms.WebUrl, *, exact_port: bool) -> bool:
+    """Whether ``url`` is on Mailslot's own site or on one of the form's allowed domains.
 
-
-def _site_allowed(form: dal.Row, host: str | None) -> bool:
-    """Whether a host may post to (and be redirected to by) this form."""
-    if host is None:
-        return False
-    own = _host_of(settings().base_url)
-    bare = host.split(":", 1)[0]
-    allowed = set(form.allowed_domains or [])
-    return host == own or host in allowed or bare in allowed
+    An allowed entry that names a port matches that port only. One that names none matches
+    any port of its host for the site a post comes from (``exact_port`` False), and only the
+    scheme's default port for where a browser is sent (``exact_port`` True).
+    """
+    own = forms.parse_web_url(settings().base_url)
+    if own is not None and (url.host, url.port) == (own.host, own.port):
+        return True
+    for entry in form.allowed_domains or []:
+        name, _, port = entry.partition(":")
+        if name != url.host:
+            continue
+        if port:
+            if port.isdigit() and int(port) == url.port:
+                return True
+        elif not exact_port or url.port == forms.DEFAULT_PORTS[url.scheme]:
+            return True
+    return False
 
 
 def origin_allowed(form: dal.Row, origin: str | None, referrer: str | None) -> bool:
-    """Cross-site posts only from the allowed domains, when the owner listed any."""
+    """Cross-site posts only from the allowed domains, when the owner listed any.
+
+    ``Origin: null`` (a sandboxed frame, a local file, a privacy-preserving context) hides the
+    site, so the Referer must then name an allowed one. No Origin and no Referer at all is not
+    a browser posting from another page, and passes.
+    """
     if not form.allowed_domains:
         return True
-    claimed = origin if origin and origin != "null" else referrer
+    if origin and origin.strip().lower() == "null":
+        if not referrer:
+            return False
+        claimed = referrer
+    else:
+        claimed = origin or referrer
     if not claimed:
-        return True  # not a browser post from another page: nothing claims a site
-    return _site_allowed(form, _host_of(claimed))
+        return True
+    url = forms.parse_web_url(claimed)
+    return url is not None and _on_trusted_site(form, url, exact_port=False)
 
 
 def cors_origin(form: dal.Row | None, origin: str | None) -> str | None:
     """The Access-Control-Allow-Origin value for this origin, or None to send none."""
     if form is None or not form.allowed_domains:
         return "*"
-    if origin and _site_allowed(form, _host_of(origin)):
+    url = forms.parse_web_url(origin)
+    if url is not None and _on_trusted_site(form, url, exact_port=False):
         return origin
     return None
 
 
 def safe_redirect(form: dal.Row, next_url: Any, posted_from: str | None) -> str | None:
-    """``_next`` resolved against the posting page, if it stays on a site this form trusts."""
-    if not isinstance(next_url, str) or not next_url or len(next_url) > 2000:
+    """``_next`` resolved against the posting page, if it stays on a site this form trusts.
+
+    The answer is the URL as parsed and checked (see ``forms.parse_web_url``), never the text
+    as sent; anything that does not parse is None, and the caller's default applies.
+    """
+    page = forms.parse_web_url(posted_from)
+    target = forms.parse_web_url(next_url, base=page.url if page else settings().base_url + "/")
+    if target is None:
         return None
-    if any(ord(ch) < 32 or ch == "\\" for ch in next_url):
-        return None
-    base = posted_from if _host_of(posted_from) else settings().base_url + "/"
-    target = urljoin(base, next_url)
-    host = _host_of(target)
-    if host is None or urlsplit(target).username is not None:
-        return None
-    trusted = _site_allowed(form, host) or (
-        not form.allowed_domains and host == _host_of(posted_from)
-    )
-    return target if trusted else None
+    if _on_trusted_site(form, target, exact_port=True):
+        return target.url
+    if not form.allowed_domains and page is not None:
+        return target.url if (target.host, target.port) == (page.host, page.port) else None
+    return None
 
 
 def hash_ip(ip: str | None) -> str | None:
@@ -658,6 +671,19 @@ def _control_value(values: dict[str, Any], name: str) -> str | None:
     if isinstance(value, list):
         value = value[0] if len(value) == 1 else None
     return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _submission_meta(values: dict[str, Any]) -> dict[str, str]:
+    """``_subject`` and ``_replyto`` as stored: each on one line; a subject cut to length, a
+    reply-to longer than any address dropped. Junk here never refuses the submission."""
+    meta = {}
+    subject = forms.one_line(_control_value(values, "_subject"))
+    if subject:
+        meta["subject"] = subject[:STORED_SUBJECT_MAX_LENGTH]
+    reply_to = forms.one_line(_control_value(values, "_replyto"))
+    if reply_to and len(reply_to) <= forms.EMAIL_ADDRESS_MAX_LENGTH:
+        meta["reply_to"] = reply_to
+    return meta
 
 
 def record_submission(req: IntakeRequest) -> IntakeResult:
@@ -685,8 +711,8 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
             retry_after=limits.retry_after,
         )
     payload = req.payload
-    if payload.kind == "invalid_json":
-        raise FormUnavailable(400, "The body is not valid JSON. Send a JSON object of fields.")
+    if payload.kind == "unreadable":
+        raise FormUnavailable(400, payload.problem)
     if payload.kind == "unsupported":
         raise FormUnavailable(
             415,
@@ -697,7 +723,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
         raise FormUnavailable(
             415, "File uploads are not supported yet. Remove the file field and send again."
         )
-    values = payload.values
+    values = forms.decode_fields(payload.values)
     posted_from = req.referrer if not req.hosted else None
     redirect_to = (
         safe_redirect(form, _control_value(values, "_next"), posted_from)
@@ -709,10 +735,6 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
         log.info("submission.honeypot", form=form.public_id)
         return IntakeResult(form, "honeypot", new_public_id(), redirect_to=redirect_to)
 
-    meta = {
-        "subject": _control_value(values, "_subject"),
-        "reply_to": _control_value(values, "_replyto"),
-    }
     data = {
         key: value
         for key, value in values.items()
@@ -749,9 +771,9 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
                 "is_spam": is_spam,
                 "spam_reason": "; ".join(text for _, text in reasons) or None,
                 "ip_hash": ip_hash,
-                "user_agent": (req.user_agent or "")[:512] or None,
-                "referrer": (req.referrer or "")[:2000] or None,
-                "meta": {key: value for key, value in meta.items() if value},
+                "user_agent": (forms.one_line(req.user_agent) or "")[:512] or None,
+                "referrer": (forms.one_line(req.referrer) or "")[:2000] or None,
+                "meta": _submission_meta(values),
             },
         )
         delivery_ids = _queue_deliveries(conn, form, submission, held=is_spam)
@@ -844,31 +866,33 @@ def check_signup_rate(client_ip: str | None) -> None:
         raise RateLimited(result.retry_after)
 
 
-def render_token() -> str:
-    """A signed timestamp for the hosted page, checked when the page is submitted."""
-    return URLSafeTimedSerializer(current_app.secret_key, salt="mailslot.render").dumps(
-        round(time.time(), 3)
-    )
+def _render_serializer(public_id: str) -> URLSafeTimedSerializer:
+    """Signs the render stamps of one form's hosted page: another form's stamp fails its check."""
+    return URLSafeTimedSerializer(current_app.secret_key, salt=f"mailslot.render:{public_id}")
 
 
-def _render_age(token: Any) -> float | None:
-    """Seconds since a hosted page was rendered, or None for a missing or forged token."""
+def render_token(public_id: str) -> str:
+    """A signed timestamp for this form's hosted page, checked when the page is submitted."""
+    return _render_serializer(public_id).dumps(round(time.time(), 3))
+
+
+def _render_age(token: Any, public_id: str) -> float | None:
+    """Seconds since this form's hosted page was rendered; None for a missing or forged token,
+    or one rendered for another form."""
     if isinstance(token, list):
         token = token[0] if len(token) == 1 else None
     if not isinstance(token, str):
         return None
     try:
-        rendered = URLSafeTimedSerializer(current_app.secret_key, salt="mailslot.render").loads(
-            token
-        )
-    except BadSignature:
+        rendered = _render_serializer(public_id).loads(token)
+    except BadData:
         return None
     return time.time() - float(rendered) if isinstance(rendered, int | float) else None
 
 
-def render_stamp_valid(token: Any) -> bool:
-    """A genuine render stamp of our hosted page, at most a day old."""
-    age = _render_age(token)
+def render_stamp_valid(token: Any, public_id: str) -> bool:
+    """A genuine render stamp of this form's hosted page, at most a day old."""
+    age = _render_age(token, public_id)
     return age is not None and -60 < age < 24 * 3600
 
 
@@ -883,7 +907,7 @@ def spam_reasons(
     if links > conf.spam_max_links:
         reasons.append((0.6 if links < 2 * conf.spam_max_links + 1 else 1.0, f"{links} links"))
     if hosted:
-        age = _render_age(rendered)
+        age = _render_age(rendered, form.public_id)
         if age is None:
             reasons.append((0.5, "the page's render stamp is missing or forged"))
         elif age < conf.spam_min_seconds:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -137,6 +138,193 @@ def test_validate_field_specs_explains_each_problem(raw, key, message):
     specs, errors = forms.validate_field_specs(raw)
     assert specs == []
     assert message in errors[key]
+
+
+# =============================================================================
+# Decoding what submitters send
+# =============================================================================
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("https://OK.Example/a b", None),
+        ("https://OK.Example/a", ("https", "ok.example", 443, "https://ok.example/a")),
+        ("http://ok.example:80/", ("http", "ok.example", 80, "http://ok.example/")),
+        ("http://ok.example:8080/?q=é#x", ("http", "ok.example", 8080,
+                                            "http://ok.example:8080/?q=%C3%A9#x")),
+        ("https://bücher.example/", ("https", "xn--bcher-kva.example", 443,
+                                     "https://xn--bcher-kva.example/")),
+        ("https://\uff4f\uff4b.example/", ("https", "ok.example", 443, "https://ok.example/")),
+        ("https://[::1]:8443/", ("https", "::1", 8443, "https://[::1]:8443/")),
+        ("http://[", None),
+        ("https://[::1", None),
+        ("https://[fe80::1%25eth0]/", None),
+        ("https://ok.example\uff03@evil.example/", None),
+        ("https://ok.example\uff0fevil.example/", None),
+        ("https://a..b/", None),
+        ("https://" + "a" * 64 + ".example/", None),
+        ("https://ok.example:0/", None),
+        ("https://ok.example:65536/", None),
+        ("https://ok.example:x/", None),
+        ("https://user@ok.example/", None),
+        ("https://ok.example%2f@evil.example/", None),
+        ("https://ok.ex%61mple/", None),
+        ("https:\\\\evil.example", None),
+        ("https://ok.example/\t", None),
+        ("https://ok.example/\udc80", None),
+        ("ftp://ok.example/", None),
+        ("javascript:alert(1)", None),
+        ("/relative", None),
+        ("", None),
+        (None, None),
+        ("https://ok.example/" + "a" * 2000, None),
+        ("https://ok.example/" + "\u00e9" * 400, None),  # 2,400 characters once encoded
+    ],
+)  # fmt: skip
+def test_parse_web_url_accepts_only_what_a_browser_reads_the_same_way(text, expected):
+    url = forms.parse_web_url(text)
+    if expected is None:
+        assert url is None
+    else:
+        assert url is not None
+        assert (url.scheme, url.host, url.port, url.url) == expected
+
+
+def test_parse_web_url_resolves_against_a_base():
+    url = forms.parse_web_url("../m?x=1", base="https://ok.example:8443/a/b/c")
+    assert url is not None
+    assert url.url == "https://ok.example:8443/a/m?x=1"
+    assert forms.parse_web_url("http://[", base="https://ok.example/") is None
+    assert forms.parse_web_url("//evil.example/", base="https://ok.example/").host == "evil.example"
+
+
+_url_parts = st.sampled_from(
+    ["http", "https", "HTTP", ":", "//", "/", "[", "]", "@", "%", "%2f", "?", "#", "\\", ".",
+     "ok.example", "::1", "8443", "99999", "xn--", "\uff03", "\uff0f", "\u212a", "\x00", " "]
+)  # fmt: skip
+_url_texts = st.one_of(
+    st.text(st.characters(exclude_categories=()), max_size=40),
+    st.lists(st.one_of(_url_parts, st.text(max_size=3)), max_size=12).map("".join),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=_url_texts, base=st.one_of(st.none(), _url_texts))
+def test_parse_web_url_never_raises_and_its_url_reads_back_the_same(text, base):
+    url = forms.parse_web_url(text, base=base)
+    if url is None:
+        return
+    assert url.url.isascii()
+    assert not re.search(r"[\s\x00-\x1f\x7f\\\\]", url.url)
+    assert forms.parse_web_url(url.url) == url
+    assert url.port == (urlsplit(url.url).port or forms.DEFAULT_PORTS[url.scheme])
+
+
+def test_decode_fields_drops_what_cannot_be_stored_and_composes_names():
+    decoded = forms.decode_fields(
+        {"cafe\u0301": "cre\u0300me\x00", "k\ud800": ["a\udfff"], "n": {"x\x00": 1}, "i": 3}
+    )
+    assert decoded == {"caf\u00e9": "cr\u00e8me", "k\ufffd": ["a\ufffd"], "n": {"x": 1}, "i": 3}
+
+
+@pytest.mark.parametrize(
+    ("values", "merged"),
+    [
+        ({"caf\u00e9": "a", "cafe\u0301": "b"}, ["a", "b"]),
+        ({"caf\u00e9": ["a"], "cafe\u0301": ["b", "c"]}, ["a", "b", "c"]),
+        ({"caf\u00e9": ["a"], "cafe\u0301": "b"}, ["a", "b"]),
+    ],
+)
+def test_decode_fields_merges_names_that_compose_alike_as_repeated_names(values, merged):
+    assert forms.decode_fields(values) == {"caf\u00e9": merged}
+
+
+_any_text = st.text(st.characters(exclude_categories=()), max_size=20)  # surrogates included
+_json_like = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), _any_text),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(_any_text, inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.dictionaries(_any_text, _json_like))
+def test_decode_fields_output_is_storable_and_composed(values):
+    decoded = forms.decode_fields(values)
+    text = json.dumps(decoded)
+    json.dumps(decoded, ensure_ascii=False).encode("utf-8")  # no lone surrogates anywhere
+    assert "\\u0000" not in text
+    for key in decoded:
+        assert key == unicodedata.normalize("NFC", key)
+
+
+@pytest.mark.parametrize(
+    ("body", "values", "problem"),
+    [
+        (b'{"a": 1}', {"a": 1}, None),
+        ('{"a": "\u00e9"}'.encode("utf-16"), {"a": "\u00e9"}, None),
+        (b'\xef\xbb\xbf{"a": 1}', {"a": 1}, None),
+        (b'{"a": "\\ud800"}', {"a": "\ud800"}, None),
+        (b'{"a": "' + b"[" * 100 + b'"}', {"a": "[" * 100}, None),
+        (b'{"a": "\\"[", "b": ' + b"[" * 40 + b"]" * 40 + b"}", {}, forms.MSG_JSON_DEPTH),
+        (b'{"a": "\\"' + b"[" * 100 + b"}", {}, forms.MSG_JSON),  # all inside one string
+        (b'{"a": ' + b"[" * 32 + b"]" * 32 + b"}", {}, forms.MSG_JSON_DEPTH),
+        (b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}", {"a": json.loads("[" * 31 + "]" * 31)}, None),
+        (b"[" * 100_000, {}, forms.MSG_JSON_DEPTH),
+        (b'{"a": 1' + b"0" * 5000 + b"}", {}, forms.MSG_JSON),
+        (b'{"a": "\xff"}', {}, forms.MSG_JSON),
+        (b"[1]", {}, forms.MSG_JSON),
+        (b"", {}, forms.MSG_JSON),
+    ],
+)
+def test_load_json_fields_bounds_depth_before_parsing(body, values, problem):
+    assert forms.load_json_fields(body) == (values, problem)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.one_of(
+        st.binary(max_size=200),
+        st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b":", b",", b"1", b'"a"']),
+                 max_size=400).map(b"".join),
+    )
+)  # fmt: skip
+def test_load_json_fields_never_raises(body):
+    values, problem = forms.load_json_fields(body)
+    assert isinstance(values, dict)
+    assert problem is None or (values == {} and problem)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Hello\r\nBcc: x@example.org", "Hello Bcc: x@example.org"),
+        ("  a\t\x0b\x0c\x1c b\u2028c\x85d ", "a b c d"),
+        ("a\x00b\ud800", "ab\ufffd"),
+        ("\r\n", None),
+        (["a"], None),
+        (None, None),
+    ],
+)
+def test_one_line_flattens_white_space_and_controls(value, expected):
+    assert forms.one_line(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        ("https://ok.example/caf\xc3\xa9", "https://ok.example/caf\u00e9"),
+        ("Agent \xff", "Agent \ufffd"),
+        ("a\x00b", "ab"),
+        ("\u2603", "\u2603"),
+        (None, ""),
+    ],
+)
+def test_request_header_text_reads_header_bytes_as_utf8(raw, text):
+    assert forms.request_header_text(raw) == text
 
 
 # =============================================================================
