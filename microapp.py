@@ -238,7 +238,7 @@ class Settings(BaseSettings):
 
     @property
     def embedded(self) -> bool:
-        """Embedded mode: no Redis URL, so an in-process Redis and eager tasks."""
+        """Embedded mode: no Redis URL, so an in-process Redis and the web's delivery threads."""
         return not self.redis_url
 
     @property
@@ -1303,21 +1303,23 @@ def _stop_serving(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def _start_embedded_sweeper(app: Flask, interval: int) -> threading.Thread:
-    """With no worker to run beat, one background thread retries due deliveries."""
+def _start_embedded_sweeper(app: Flask, interval: int, stop: threading.Event) -> threading.Thread:
+    """With no worker to run beat, hand the outbox sweep to the delivery threads now and every
+    ``interval`` seconds, and the retention purge daily, until ``stop`` is set."""
 
     def sweep_forever() -> None:
-        last_purge = 0.0
+        last_purge: float | None = None
         while True:
-            time.sleep(interval)
             try:
                 with app.app_context():
-                    tasks.sweep(inline=True)
-                    if time.monotonic() - last_purge > 24 * 3600:
-                        services.purge_expired()
+                    tasks.enqueue(tasks.sweep_outbox)
+                    if last_purge is None or time.monotonic() - last_purge > 24 * 3600:
+                        tasks.enqueue(tasks.purge_retention)
                         last_purge = time.monotonic()
             except Exception:
                 log.exception("outbox.sweep_failed")
+            if stop.wait(interval):
+                return
 
     thread = threading.Thread(target=sweep_forever, name="outbox-sweeper", daemon=True)
     thread.start()
@@ -1374,13 +1376,16 @@ def _register_cli(app: Flask) -> None:
                 trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"},
                 clear_untrusted_proxy_headers=True,
             )
+        stop_sweeping = threading.Event()
         if settings.embedded:
-            _start_embedded_sweeper(app, settings.sweep_interval)
+            _start_embedded_sweeper(app, settings.sweep_interval, stop_sweeping)
         signal.signal(signal.SIGTERM, _stop_serving)
         log.info("serve", url=f"http://{host}:{port}", mode=settings.mode)
         try:
             waitress.serve(app, **options)
         finally:
-            # Deliveries queued by the last requests go out now rather than at the next sweep.
-            flushed = app.extensions["mailslot.publisher"].flush(timeout=5)
-            log.info("serve.stopped", deliveries_handed_over=flushed)
+            # Deliveries queued by the last requests go out now rather than at the next sweep:
+            # published (connected mode), or finished by the delivery threads (embedded mode).
+            stop_sweeping.set()
+            handed_over = tasks.hand_over(app, timeout=5)
+            log.info("serve.stopped", deliveries_handed_over=handed_over)

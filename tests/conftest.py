@@ -26,6 +26,7 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
 import microapp
+import tasks
 
 REQUIRE_SERVICES = os.environ.get("MAILSLOT_REQUIRE_SERVICES") == "1"
 TEST_DATABASE_URL = os.environ.get("MAILSLOT_TEST_DATABASE_URL", "")
@@ -138,6 +139,8 @@ def app(overrides: dict[str, Any], backend: str, request: pytest.FixtureRequest)
 
             dal.init_db()
     yield app
+    # Nothing of this test may still be delivering while the next one runs.
+    tasks.hand_over(app, timeout=120)
     if backend == "postgresql":
         _wipe_postgres(app)
     if overrides.get("redis_url"):
@@ -225,8 +228,10 @@ def settle_deliveries(app: Flask) -> None:
     """Wait until the deliveries that ``app`` has handed off so far have been attempted.
 
     Call it before looking at what a delivery did (the outbox, a webhook receiver's requests, the
-    rows' statuses). While embedded mode runs its tasks eagerly there is nothing to wait for.
+    rows' statuses): embedded mode runs them on its delivery threads after the request answered
+    (connected mode: this waits until the publisher handed them to the broker).
     """
+    assert tasks.wait_for_idle(app, timeout=120), "handed-off deliveries did not settle"
 
 
 def read_outbox(app: Flask) -> list[EmailMessage]:

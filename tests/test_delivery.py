@@ -20,7 +20,7 @@ import dal
 import microapp
 import services
 import tasks
-from conftest import SMTPSink, WebhookReceiver, free_port
+from conftest import SMTPSink, WebhookReceiver, free_port, settle_deliveries
 
 
 @pytest.fixture
@@ -68,7 +68,8 @@ def submit(app: Flask, form: dal.Row, data: dict[str, Any]) -> str:
 
 
 def deliveries(app: Flask, kind: str | None = None) -> list[dal.Row]:
-    """Every delivery row, oldest first."""
+    """Every delivery row, oldest first (after the deliveries handed off so far settled)."""
+    settle_deliveries(app)
     with app.app_context(), dal.connection() as conn:
         query = sa.select(dal.deliveries).order_by(dal.deliveries.c.id)
         if kind:

@@ -23,7 +23,7 @@ from flask import Flask
 import dal
 import microapp
 import services
-from conftest import SMTPSink, WebhookReceiver, free_port, need_service
+from conftest import SMTPSink, WebhookReceiver, free_port, need_service, settle_deliveries
 
 PROJECT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.services
@@ -203,6 +203,7 @@ def test_redis_down_while_100_submissions_arrive_loses_nothing(system: dict[str,
         ]
         accepted = sum(1 for a in answers if a.status_code == 201)
         stored = stored_count(app)
+        settle_deliveries(app)
         assert statuses(app) == {"pending": 200}
         private_redis.start()
         wait_for(lambda: statuses(app).get("done") == 200, 120, f"not delivered: {statuses(app)}")
