@@ -194,7 +194,8 @@ def test_eight_slow_receivers_hold_no_request(
     assert webhook_receiver.holding.wait(30)
     # Every submitter has an answer while the receiver still holds deliveries; the others wait.
     in_flight = [status for _, status, _ in statuses(app)]
-    assert 1 <= in_flight.count("sending") <= tasks.EMBEDDED_DELIVERY_THREADS
+    assert "sending" in in_flight
+    assert in_flight.count("sending") <= tasks.EMBEDDED_DELIVERY_THREADS
 
     webhook_receiver.release.set()
     settle_deliveries(app)
