@@ -144,7 +144,10 @@ def __getattr__(name: str) -> Any:
     if name == "celery":
         from microapp import create_app
 
-        return create_app().extensions["celery"]
+        app = create_app()
+        with app.app_context():
+            services.log_broker_warnings()  # the worker's start; create_app itself stays offline
+        return app.extensions["celery"]
     raise AttributeError(name)
 
 

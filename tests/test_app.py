@@ -24,7 +24,13 @@ def test_healthz_answers_when_the_process_runs(client: FlaskClient) -> None:
 def test_readyz_reports_ok_and_the_embedded_mode(client: FlaskClient) -> None:
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json == {"status": "ok", "mode": "embedded", "database": "ok", "redis": "ok"}
+    assert response.json == {
+        "status": "ok",
+        "mode": "embedded",
+        "database": "ok",
+        "redis": "ok",
+        "warnings": [],
+    }
 
 
 def test_readyz_says_degraded_when_redis_is_unreachable(overrides: dict[str, Any]) -> None:
@@ -36,6 +42,8 @@ def test_readyz_says_degraded_when_redis_is_unreachable(overrides: dict[str, Any
         "mode": "connected",
         "database": "ok",
         "redis": "unreachable",
+        "broker": "unreachable",
+        "warnings": [],
     }
 
 
