@@ -23,6 +23,8 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_delivery import make_form, verify
 from test_faults import wait_for
 
@@ -235,6 +237,46 @@ def test_delay_in_embedded_mode_hands_the_task_to_a_delivery_thread(
     settle_deliveries(app)
     assert statuses(app) == [("webhook", "done", 1)]
     assert len(webhook_receiver.requests) == 1
+
+
+# --- any handoffs: each delivery once --------------------------------------------------------
+
+# One handoff: a ticket for row ``index`` (attempts 0 as after the commit, None as from a sweep
+# run inline, 3 as a message left over from an earlier attempt), or a call with no arguments
+# (the task raises). Handed over in chunks, as separate requests and sweeps would.
+_handoffs = st.lists(
+    st.one_of(
+        st.tuples(st.integers(0, 3), st.sampled_from([0, None, 3])),
+        st.just(()),
+    ),
+    max_size=16,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(handoffs=_handoffs, chunk=st.integers(1, 5))
+def test_any_handoffs_deliver_each_row_once_and_settle(
+    app: Flask, webhook_receiver: WebhookReceiver, handoffs: list[Any], chunk: int
+) -> None:
+    rows = [pending_webhook_row(app, webhook_receiver.url) for _ in range(4)]
+    webhook_receiver.requests.clear()
+    calls = [(rows[c[0]], c[1]) if c else () for c in handoffs]
+    threads = app.extensions["mailslot.delivery_threads"]
+    for start in range(0, len(calls), chunk):
+        assert threads.submit("tasks.deliver", calls[start : start + chunk])
+    settle_deliveries(app)
+
+    claimable = {call[0] for call in calls if call and call[1] != 3}
+    with app.app_context(), dal.connection() as conn:
+        got = {
+            row.id: (row.status, row.attempts)
+            for row in conn.execute(sa.select(dal.deliveries).where(dal.deliveries.c.id.in_(rows)))
+        }
+    assert got == {r: ("done", 1) if r in claimable else ("pending", 0) for r in rows}
+    sent = sorted(r["headers"]["webhook-id"] for r in webhook_receiver.requests)
+    assert sent == sorted(f"msg_{r}" for r in claimable)  # each once, none twice
 
 
 # --- the threads: lazy, sturdy, fork-safe, and closed cleanly -----------------------------------
