@@ -14,6 +14,8 @@ import email.policy
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -264,6 +266,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_serve(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``flask --app microapp serve`` on ``port`` in a subprocess, its output in ``log_path``."""
+    with log_path.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flask", "--app", "microapp", "serve", "--port", str(port)],
+            cwd=Path(microapp.__file__).parent, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
 
 class SMTPSink:

@@ -10,7 +10,7 @@ import pytest
 from flask.testing import FlaskClient
 
 import microapp
-from conftest import free_port
+from conftest import free_port, start_serve
 
 JSON = {"Accept": "application/json"}
 
@@ -242,8 +242,6 @@ def test_serve_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     # (running requests get up to 5 s) and hand over queued deliveries, not die mid-request.
     import os
     import signal
-    import subprocess
-    import sys
     import time
     import urllib.request
 
@@ -252,14 +250,7 @@ def test_serve_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     for name in ("REDIS_URL", "DATABASE_URL", "LOG_LEVEL"):
         env.pop(name, None)
     log_path = tmp_path / "serve.log"
-    with log_path.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "microapp", "serve", "--port", str(port)],
-            cwd=Path(microapp.__file__).parent,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    server = start_serve(port, env, log_path)
     try:
         for _ in range(600):
             try:

@@ -24,7 +24,7 @@ import dal
 import microapp
 import services
 import tasks
-from conftest import free_port, need_service
+from conftest import free_port, need_service, start_serve
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -203,11 +203,7 @@ def test_serve_logs_the_eviction_warning_at_start_up(
     port = free_port()
     env = {**os.environ, **_connected_env(tmp_path, broker_redis.url)}
     log_path = tmp_path / "serve.log"
-    with log_path.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "microapp", "serve", "--port", str(port)],
-            cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    server = start_serve(port, env, log_path)
     try:
         wait_for(lambda: '"event": "serve"' in log_path.read_text(), 60, "serve did not start")
     finally:

@@ -11,8 +11,6 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -32,9 +30,14 @@ import dal
 import microapp
 import services
 import tasks
-from conftest import AuthActions, SMTPSink, WebhookReceiver, free_port, settle_deliveries
-
-PROJECT = Path(__file__).resolve().parent.parent
+from conftest import (
+    AuthActions,
+    SMTPSink,
+    WebhookReceiver,
+    free_port,
+    settle_deliveries,
+    start_serve,
+)
 
 
 class HangingSMTP:
@@ -386,11 +389,7 @@ def test_serve_finishes_the_deliveries_it_holds_when_stopped(
     for name in ("REDIS_URL", "DATABASE_URL", "LOG_LEVEL"):
         env.pop(name, None)
     log_path = tmp_path / "serve.log"
-    with log_path.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "microapp", "serve", "--port", str(port)],
-            cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    server = start_serve(port, env, log_path)
     try:
         wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), 60, "serve did not start")
         request = urllib.request.Request(
