@@ -9,6 +9,7 @@ import hmac
 import itertools
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +49,8 @@ def make_form(
     """An owner (confirmed unless told otherwise) with one lenient form."""
     with app.app_context():
         with dal.transaction() as conn:
-            owner = dal.insert_user(conn, f"owner{free_port()}@example.com", "x")
+            # A port number is no unique name: the system hands a released port out again.
+            owner = dal.insert_user(conn, f"owner-{uuid.uuid4().hex[:12]}@example.com", "x")
             if confirmed:
                 dal.mark_email_confirmed(conn, owner.id, owner.email)
         form = services.create_form(
