@@ -196,10 +196,12 @@ class AuthActions:
         self.app = app
 
     def signup(self, email: str = "owner@example.com", password: str = PASSWORD) -> Any:
-        """Create an account (and log in) through /signup."""
-        return post_form(
+        """Create an account (and log in) through /signup; its email has gone out on return."""
+        response = post_form(
             self.client, "/signup", {"email": email, "password": password, "confirm": password}
         )
+        settle_deliveries(self.app)
+        return response
 
     def login(self, email: str = "owner@example.com", password: str = PASSWORD) -> Any:
         """Log in through /login."""
