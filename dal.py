@@ -221,12 +221,14 @@ _alembic_version = sa.table("alembic_version", sa.column("version_num", sa.Strin
 
 @dataclass
 class Stores:
-    """What one app talks to: one SQL engine and one Redis client."""
+    """What one app talks to: one SQL engine, the cache's Redis and the broker's Redis."""
 
     engine: Engine
-    redis: redis.Redis
+    redis: redis.Redis  # cache, counters and rate limits (CACHE_REDIS_URL, else REDIS_URL)
     key_prefix: str
     embedded_redis: bool
+    # The Celery broker's Redis (REDIS_URL), read only for its health; None in embedded mode.
+    broker_redis: redis.Redis | None = None
     # The stand-in for Redis's rate-limit counters while Redis is unreachable (per app).
     local_windows: _LocalWindows = field(default_factory=lambda: _LocalWindows())
     # SQLite allows one writer at a time and makes the others poll with growing sleeps (up to
@@ -271,30 +273,39 @@ def make_engine(url: str) -> Engine:
 
 
 def make_redis(settings: Settings) -> tuple[redis.Redis, bool]:
-    """A Redis client with short timeouts, or an in-process server when REDIS_URL is empty."""
+    """The cache's Redis client, or an in-process server when REDIS_URL is empty."""
     if not settings.redis_url:
         import fakeredis  # embedded mode only: connected processes start without importing it
 
         return fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True), True
-    client = redis.Redis.from_url(
-        settings.redis_url,
+    return _redis_client(settings.cache_redis_url_or_default, settings), False
+
+
+def _redis_client(url: str, settings: Settings) -> redis.Redis:
+    """A client with short timeouts: a slow Redis never stalls a request."""
+    return redis.Redis.from_url(
+        url,
         socket_connect_timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
         decode_responses=True,
         retry_on_timeout=False,
     )
-    return client, False
 
 
 def init_app(app: Flask, settings: Settings) -> None:
     """Attach the stores to the app; no connection is opened here."""
     client, embedded = make_redis(settings)
+    broker = None
+    if not embedded:
+        same = settings.cache_redis_url_or_default == settings.redis_url
+        broker = client if same else _redis_client(settings.redis_url, settings)
     engine = make_engine(settings.database_url_or_default)
     app.extensions["mailslot.stores"] = Stores(
         engine=engine,
         redis=client,
         key_prefix=settings.redis_key_prefix,
         embedded_redis=embedded,
+        broker_redis=broker,
         write_lock=threading.RLock() if engine.dialect.name == "sqlite" else None,
     )
 
@@ -550,12 +561,33 @@ def _revisions_after(start: str | None) -> list[str]:
     return [script.revision for script in reversed(list(scripts))]
 
 
-def redis_reachable() -> bool:
-    """True when Redis answers a PING within its timeout."""
+def redis_reachable(*, broker: bool = False) -> bool:
+    """True when the cache's Redis (or the broker's) answers a PING within its timeout."""
+    client = stores().broker_redis if broker else stores().redis
     try:
-        return bool(stores().redis.ping())
+        return client is not None and bool(client.ping())
     except (redis.RedisError, OSError):
         return False
+
+
+def broker_eviction_policy() -> str | None:
+    """The broker's Redis ``maxmemory-policy``; None in embedded mode or when Redis cannot say.
+
+    CONFIG GET first; managed Redis services that forbid CONFIG report it in INFO memory.
+    """
+    client = stores().broker_redis
+    if client is None:
+        return None
+    try:
+        try:
+            policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+        except redis.ResponseError:  # CONFIG disabled, renamed or not permitted
+            policy = None
+        policy = policy or client.info("memory").get("maxmemory_policy")
+    except (redis.RedisError, OSError) as exc:
+        redis_trouble("broker-policy", exc)
+        return None
+    return str(policy) if policy else None
 
 
 # =================================================================================================

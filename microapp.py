@@ -45,6 +45,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
 from pydantic import (
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -98,6 +99,7 @@ class Settings(BaseSettings):
 
     database_url: str = ""
     redis_url: str = ""
+    cache_redis_url: str = ""  # empty = REDIS_URL
     redis_timeout: float = 0.5
     redis_key_prefix: str = "mailslot:"
 
@@ -167,12 +169,13 @@ class Settings(BaseSettings):
             raise ValueError("must be empty (SQLite), sqlite://…, postgresql://… or postgres://…")
         return value
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "cache_redis_url")
     @classmethod
-    def _check_redis_url(cls, value: str) -> str:
-        """Only redis:// and rediss:// URLs (or empty for embedded mode)."""
+    def _check_redis_url(cls, value: str, info: ValidationInfo) -> str:
+        """Only redis:// and rediss:// URLs (or empty: embedded mode, or the cache on REDIS_URL)."""
         if value and not value.startswith(("redis://", "rediss://")):
-            raise ValueError("must be empty (embedded mode) or a redis:// or rediss:// URL")
+            empty = "embedded mode" if info.field_name == "redis_url" else "the same as REDIS_URL"
+            raise ValueError(f"must be empty ({empty}) or a redis:// or rediss:// URL")
         return value
 
     @field_validator("base_url")
@@ -236,6 +239,16 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _cache_redis_needs_connected_mode(self) -> Settings:
+        """Embedded mode keeps the cache and limits in process: a cache URL there is a mistake."""
+        if self.cache_redis_url and not self.redis_url:
+            raise ValueError(
+                "CACHE_REDIS_URL needs REDIS_URL: in embedded mode (REDIS_URL empty) the cache "
+                "and rate limits live in the web process"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _production_needs_a_secret(self) -> Settings:
         """In production a missing SECRET_KEY is an error, never a generated one."""
         if self.env == "production" and not self.secret_key.get_secret_value():
@@ -244,8 +257,13 @@ class Settings(BaseSettings):
 
     @property
     def embedded(self) -> bool:
-        """Embedded mode: no Redis URL, so an in-process Redis and eager tasks."""
+        """Embedded mode: no Redis URL, so an in-process Redis and the web's delivery threads."""
         return not self.redis_url
+
+    @property
+    def cache_redis_url_or_default(self) -> str:
+        """The Redis for the cache and rate limits: CACHE_REDIS_URL, else the broker's."""
+        return self.cache_redis_url or self.redis_url
 
     @property
     def mode(self) -> str:
@@ -289,12 +307,18 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            key = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            key = ".".join(str(part) for part in error["loc"]).upper()
             message = error["msg"].removeprefix("Value error, ")
+            if not key:  # a rule across settings names its keys; its input is every setting
+                problems.append(message)
+                continue
             if error["type"] == "extra_forbidden":
                 message = "unknown setting (misspelled?)"
             elif not any(word in key for word in ("SECRET", "PASSWORD")):
-                message += f" (got {error['input']!r})"
+                given = error["input"]
+                if key.endswith("_URL") and isinstance(given, str):
+                    given = dal.describe_url(given)  # a URL's password stays out of the message
+                message += f" (got {given!r})"
             problems.append(f"{key}: {message}")
         raise SettingsError("Invalid Mailslot settings: " + "; ".join(problems)) from None
 
@@ -1424,21 +1448,23 @@ def _stop_serving(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def _start_embedded_sweeper(app: Flask, interval: int) -> threading.Thread:
-    """With no worker to run beat, one background thread retries due deliveries."""
+def _start_embedded_sweeper(app: Flask, interval: int, stop: threading.Event) -> threading.Thread:
+    """With no worker to run beat, hand the outbox sweep to the delivery threads now and every
+    ``interval`` seconds, and the retention purge daily, until ``stop`` is set."""
 
     def sweep_forever() -> None:
-        last_purge = 0.0
+        last_purge: float | None = None
         while True:
-            time.sleep(interval)
             try:
                 with app.app_context():
-                    tasks.sweep(inline=True)
-                    if time.monotonic() - last_purge > 24 * 3600:
-                        services.purge_expired()
+                    tasks.enqueue(tasks.sweep_outbox)
+                    if last_purge is None or time.monotonic() - last_purge > 24 * 3600:
+                        tasks.enqueue(tasks.purge_retention)
                         last_purge = time.monotonic()
             except Exception:
                 log.exception("outbox.sweep_failed")
+            if stop.wait(interval):
+                return
 
     thread = threading.Thread(target=sweep_forever, name="outbox-sweeper", daemon=True)
     thread.start()
@@ -1505,13 +1531,17 @@ def _register_cli(app: Flask) -> None:
                 trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"},
                 clear_untrusted_proxy_headers=True,
             )
+        stop_sweeping = threading.Event()
         if settings.embedded:
-            _start_embedded_sweeper(app, settings.sweep_interval)
+            _start_embedded_sweeper(app, settings.sweep_interval, stop_sweeping)
         signal.signal(signal.SIGTERM, _stop_serving)
-        log.info("serve", url=f"http://{host}:{port}", mode=settings.mode)
+        warnings = services.log_broker_warnings()  # here, not in create_app: that stays offline
+        log.info("serve", url=f"http://{host}:{port}", mode=settings.mode, warnings=len(warnings))
         try:
             waitress.serve(app, **options)
         finally:
-            # Deliveries queued by the last requests go out now rather than at the next sweep.
-            flushed = app.extensions["mailslot.publisher"].flush(timeout=5)
-            log.info("serve.stopped", deliveries_handed_over=flushed)
+            # Deliveries queued by the last requests go out now rather than at the next sweep:
+            # published (connected mode), or finished by the delivery threads (embedded mode).
+            stop_sweeping.set()
+            handed_over = tasks.hand_over(app, timeout=5)
+            log.info("serve.stopped", deliveries_handed_over=handed_over)

@@ -1653,7 +1653,11 @@ _SCHEMA_READINESS = {
 
 
 def readiness() -> dict[str, Any]:
-    """Reachability of the database and Redis; degraded (still accepting) without Redis."""
+    """Reachability of the database and Redis; degraded (still accepting) without Redis.
+
+    ``warnings`` lists what an operator should fix that does not stop Mailslot working now,
+    such as a broker Redis that may evict queued tasks.
+    """
     report: dict[str, Any] = {"mode": settings().mode}
     try:
         with dal.connection() as conn:
@@ -1665,10 +1669,41 @@ def readiness() -> dict[str, Any]:
         log.warning("readyz.database_unreachable", error=type(exc).__name__)
         report["database"] = "unreachable"
     report["redis"] = "ok" if dal.redis_reachable() else "unreachable"
+    report["warnings"] = []
+    if not settings().embedded:
+        report["broker"] = "ok" if dal.redis_reachable(broker=True) else "unreachable"
+        report["warnings"] = broker_warnings() if report["broker"] == "ok" else []
     if report["database"] != "ok":
         report["status"] = "down"
-    elif report["redis"] != "ok":
+    elif report["redis"] != "ok" or report.get("broker", "ok") != "ok":
         report["status"] = "degraded"
     else:
         report["status"] = "ok"
     return report
+
+
+def broker_warnings() -> list[str]:
+    """What is wrong with the broker's Redis though it works: an eviction policy that can drop
+    queued tasks. Empty in embedded mode, when all is well, or when Redis cannot be asked.
+
+    Celery's queues are keys with no expiry. ``allkeys-*`` policies evict any key when memory
+    runs out, queued tasks included, without an error; ``volatile-*`` ones evict only keys that
+    expire (the cache's and limits'), and ``noeviction`` refuses writes, which the web process
+    notices (the outbox rows then wait for the sweeper).
+    """
+    policy = dal.broker_eviction_policy()
+    if policy is None or policy == "noeviction" or policy.startswith("volatile-"):
+        return []
+    return [
+        f"The broker's Redis has maxmemory-policy {policy}: when it fills up it can drop queued "
+        "tasks silently. Set maxmemory-policy noeviction on it, and give the cache and rate "
+        "limits a Redis of their own with CACHE_REDIS_URL."
+    ]
+
+
+def log_broker_warnings() -> list[str]:
+    """Log each broker warning (at start-up: serve and the worker); the warnings."""
+    warnings = broker_warnings()
+    for warning in warnings:
+        log.warning("broker.redis_warning", warning=warning)
+    return warnings

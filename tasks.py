@@ -1,8 +1,9 @@
 """Mailslot's Celery app and tasks, and the mail backends they send through.
 
 The worker is started with ``celery -A tasks worker -B``: Celery finds the ``celery`` attribute
-below, which builds the Flask app on first use. In embedded mode (no REDIS_URL) tasks run eagerly
-in the web process.
+below, which builds the Flask app on first use. In embedded mode (no REDIS_URL) there is no broker
+and no worker: the web process hands tasks to a few delivery threads of its own, never running
+them inside a request.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import threading
 import time
 import unicodedata
 import uuid
+import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.headerregistry import Address
@@ -82,8 +85,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redis_socket_timeout": max(timeout, 1.0),
         "result_expires": 3600,
         "beat_schedule_filename": str(settings.instance_dir / "celerybeat-schedule"),
-        "task_always_eager": settings.embedded,
-        "task_eager_propagates": False,
         "task_serializer": "json",
         "accept_content": ["json"],
         "timezone": "UTC",
@@ -98,16 +99,32 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def celery_init_app(app: Flask, settings: Settings) -> Celery:
     """Create the app's Celery instance; every task runs inside the Flask app context."""
 
+    threads = DeliveryThreads(app) if settings.embedded else None
+
     class FlaskTask(Task):
         def __call__(self, *args: object, **kwargs: object) -> object:
             with app.app_context():
                 return self.run(*args, **kwargs)
+
+        def apply_async(
+            self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
+        ) -> Any:
+            """Publish to the broker; in embedded mode, hand the task to the delivery threads.
+
+            Embedded mode has no broker: ``.delay()`` and ``.apply_async()`` queue the task for
+            a delivery thread and return at once, so that no task ever runs inside a request.
+            """
+            if threads is None:
+                return super().apply_async(args, kwargs, task_id=task_id, **options)
+            threads.submit(self.name, [tuple(args or ())], dict(kwargs or {}))
+            return self.AsyncResult(task_id or str(uuid.uuid4()))
 
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(celery_config(settings))
     celery_app.set_default()
     app.extensions["celery"] = celery_app
     app.extensions["mailslot.publisher"] = Publisher(celery_app)
+    app.extensions["mailslot.delivery_threads"] = threads
     return celery_app
 
 
@@ -134,12 +151,21 @@ def __getattr__(name: str) -> Any:
     if name == "celery":
         from microapp import create_app
 
-        return create_app().extensions["celery"]
+        app = create_app()
+        with app.app_context():
+            services.log_broker_warnings()  # the worker's start; create_app itself stays offline
+        return app.extensions["celery"]
     raise AttributeError(name)
 
 
 def enqueue(task: Any, *args: Any) -> bool:
-    """Publish a task without retries; a broker failure is logged, never raised to the caller."""
+    """Publish a task without retries; a broker failure is logged, never raised to the caller.
+
+    In embedded mode the task goes to the delivery threads instead (False when they refused it).
+    """
+    threads = current_app.extensions["mailslot.delivery_threads"]
+    if threads is not None:
+        return threads.submit(task.name, [args])
     try:
         # The app's own Celery instance, not Celery's global default: a process may hold several.
         current_app.extensions["celery"].tasks[task.name].apply_async(args=args, retry=False)
@@ -153,12 +179,14 @@ def enqueue_each(task: Any, calls: list[tuple[Any, ...]]) -> bool:
     """Publish one task per argument tuple, pipelined into one Redis round trip; never raises.
 
     Like ``enqueue``: no retries, and a broker failure is logged and answered with False (the
-    outbox rows wait for the sweeper).
+    outbox rows wait for the sweeper). In embedded mode the delivery threads take them.
     """
-    celery_app = current_app.extensions["celery"]
-    if len(calls) < 2 or celery_app.conf.task_always_eager:
+    threads = current_app.extensions["mailslot.delivery_threads"]
+    if threads is not None:
+        return threads.submit(task.name, calls)
+    if len(calls) < 2:
         return all([enqueue(task, *args) for args in calls])
-    return _publish_batch(celery_app, [(task.name, tuple(args)) for args in calls])
+    return _publish_batch(current_app.extensions["celery"], [(task.name, tuple(a)) for a in calls])
 
 
 def enqueue_soon(task: Any, calls: list[tuple[Any, ...]]) -> None:
@@ -166,11 +194,12 @@ def enqueue_soon(task: Any, calls: list[tuple[Any, ...]]) -> None:
 
     For outbox rows that are already committed. The request does not wait for the broker, and
     rows whose task never goes out (the process stops first, the broker is down) wait for the
-    sweeper, as they would after a failed ``enqueue``. In eager mode the tasks run right here.
+    sweeper, as they would after a failed ``enqueue``. In embedded mode the delivery threads
+    run the tasks, after this returns.
     """
-    celery_app = current_app.extensions["celery"]
-    if celery_app.conf.task_always_eager:
-        enqueue_each(task, calls)
+    threads = current_app.extensions["mailslot.delivery_threads"]
+    if threads is not None:
+        threads.submit(task.name, calls)
     else:
         current_app.extensions["mailslot.publisher"].submit(task.name, calls)
 
@@ -268,6 +297,165 @@ class Publisher:
             with self._drained:
                 self._unsent -= len(batch)
                 self._drained.notify_all()
+
+
+# How many tasks embedded mode runs at once: one slow receiver holds up one thread, not all.
+EMBEDDED_DELIVERY_THREADS = 4
+
+# Every app's delivery threads in this process: a forked child resets them (see below).
+_ALL_DELIVERY_THREADS: weakref.WeakSet[DeliveryThreads] = weakref.WeakSet()
+
+
+class DeliveryThreads:
+    """Embedded mode's worker: a few threads of the web process that run the tasks handed to them.
+
+    There is no broker in embedded mode. A request commits its outbox rows, hands the tickets
+    here and answers; up to ``size`` threads run the same task functions a worker would (claims
+    make a second run of a ticket harmless), so that a slow receiver holds up one thread, never
+    a request. Threads start on first use (never at import or in the factory) and end after
+    ``idle_seconds`` without work; an exception in a task is logged and the thread goes on; a
+    forked child starts with none and an empty queue. At most ``max_queued`` tasks wait: beyond
+    that, and after ``close``, a task is refused with a warning and its outbox row waits for the
+    sweeper, as it would when a broker is down.
+    """
+
+    def __init__(
+        self,
+        app: Flask,
+        *,
+        size: int = EMBEDDED_DELIVERY_THREADS,
+        max_queued: int = 10_000,
+        idle_seconds: float = 10.0,
+    ) -> None:
+        self.app = app
+        self.size = size
+        self.max_queued = max_queued
+        self.idle_seconds = idle_seconds
+        self._reset()
+        _ALL_DELIVERY_THREADS.add(self)
+
+    def _reset(self) -> None:
+        """Start empty: at construction, and in a forked child (the parent's work is its own)."""
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._settled = threading.Condition(self._lock)
+        self._queue: deque[tuple[str, tuple[Any, ...], dict[str, Any]]] = deque()
+        self._threads: set[threading.Thread] = set()
+        self._waiting = 0  # threads waiting for work
+        self._unfinished = 0  # queued or running
+        self._closed = False
+
+    def submit(
+        self, task_name: str, calls: list[tuple[Any, ...]], kwargs: dict[str, Any] | None = None
+    ) -> bool:
+        """Queue one task per argument tuple and return at once; False when any was refused."""
+        with self._lock:
+            taken = 0 if self._closed else min(len(calls), self.max_queued - len(self._queue))
+            for args in calls[:taken]:
+                self._queue.append((task_name, tuple(args), kwargs or {}))
+            self._unfinished += taken
+            self._work.notify(taken)
+            self._threads = {thread for thread in self._threads if thread.is_alive()}
+            for _ in range(min(len(self._queue) - self._waiting, self.size - len(self._threads))):
+                thread = threading.Thread(target=self._run, name="mailslot-delivery", daemon=True)
+                self._threads.add(thread)
+                thread.start()
+            closed = self._closed
+        if taken < len(calls):
+            log.warning(
+                "delivery_threads.refused",
+                task=task_name,
+                count=len(calls) - taken,
+                reason="shutting down" if closed else "queue full",
+            )
+        return taken == len(calls)
+
+    def wait_for_idle(self, timeout: float) -> bool:
+        """Wait until every task queued so far has run; False on timeout."""
+        with self._settled:
+            return self._settled.wait_for(lambda: self._unfinished == 0, timeout)
+
+    def close(self, timeout: float) -> bool:
+        """Take no more tasks; let the threads finish the queue for up to ``timeout`` seconds.
+
+        What has not started by then is dropped (its outbox rows wait for the sweeper of the
+        next start). True when everything queued was run.
+        """
+        with self._lock:
+            self._closed = True
+            self._work.notify_all()
+        finished = self.wait_for_idle(timeout)
+        with self._lock:
+            left = len(self._queue)
+            self._queue.clear()
+            self._unfinished -= left
+            self._work.notify_all()
+        if left:
+            log.warning("delivery_threads.left_for_the_sweeper", count=left)
+        return finished
+
+    def _run(self) -> None:
+        """Run queued tasks one after the other until idle, or closed with nothing left."""
+        while True:
+            with self._lock:
+                self._waiting += 1
+                self._work.wait_for(lambda: self._queue or self._closed, self.idle_seconds)
+                self._waiting -= 1
+                if not self._queue:
+                    self._threads.discard(threading.current_thread())
+                    return
+                task_name, args, kwargs = self._queue.popleft()
+            try:
+                self._run_task(task_name, args, kwargs)
+            finally:
+                with self._lock:
+                    self._unfinished -= 1
+                    if self._unfinished == 0:
+                        self._settled.notify_all()
+
+    def _run_task(self, task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Run one task as a worker would (in the app context, its id bound to the log lines)."""
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(task_id=str(uuid.uuid4()), task=task_name)
+        try:
+            self.app.extensions["celery"].tasks[task_name](*args, **kwargs)
+        except Exception:
+            log.exception("delivery_threads.task_failed")
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+
+def _reset_delivery_threads_in_child() -> None:
+    """A forked child has none of its parent's threads: it starts its own on first use."""
+    for threads in list(_ALL_DELIVERY_THREADS):
+        threads._reset()
+
+
+os.register_at_fork(after_in_child=_reset_delivery_threads_in_child)
+
+
+def wait_for_idle(app: Flask, timeout: float = 30.0) -> bool:
+    """Wait until the tasks ``app`` handed off so far were attempted; False on timeout.
+
+    Embedded mode: the delivery threads ran them. Connected mode: the publisher sent them to the
+    broker (what a worker does with them is not this process's to wait for).
+    """
+    threads = app.extensions["mailslot.delivery_threads"]
+    if threads is not None:
+        return threads.wait_for_idle(timeout)
+    return app.extensions["mailslot.publisher"].flush(timeout)
+
+
+def hand_over(app: Flask, timeout: float) -> bool:
+    """At shutdown: publish what the publisher holds, or let the delivery threads finish theirs.
+
+    Waits up to ``timeout`` seconds; whatever is left waits in the outbox for the sweeper. True
+    when nothing was left.
+    """
+    threads = app.extensions["mailslot.delivery_threads"]
+    if threads is not None:
+        return threads.close(timeout)
+    return app.extensions["mailslot.publisher"].flush(timeout)
 
 
 # =================================================================================================

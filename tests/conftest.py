@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
 import microapp
+import tasks
 
 REQUIRE_SERVICES = os.environ.get("MAILSLOT_REQUIRE_SERVICES") == "1"
 TEST_DATABASE_URL = os.environ.get("MAILSLOT_TEST_DATABASE_URL", "")
@@ -163,6 +166,8 @@ def app(overrides: dict[str, Any], backend: str, request: pytest.FixtureRequest)
 
             dal.upgrade_db()
     yield app
+    # Nothing of this test may still be delivering while the next one runs.
+    tasks.hand_over(app, timeout=120)
     if backend == "postgresql":
         _wipe_postgres(app)
     if overrides.get("redis_url"):
@@ -224,6 +229,7 @@ class AuthActions:
         response = post_form(
             self.client, "/signup", {"email": email, "password": password, "confirm": password}
         )
+        settle_deliveries(self.app)  # its email has gone out on return
         if response.status_code == 302:
             self.login(email, password)
         return response
@@ -257,8 +263,10 @@ def settle_deliveries(app: Flask) -> None:
     """Wait until the deliveries that ``app`` has handed off so far have been attempted.
 
     Call it before looking at what a delivery did (the outbox, a webhook receiver's requests, the
-    rows' statuses). While embedded mode runs its tasks eagerly there is nothing to wait for.
+    rows' statuses): embedded mode runs them on its delivery threads after the request answered
+    (connected mode: this waits until the publisher handed them to the broker).
     """
+    assert tasks.wait_for_idle(app, timeout=120), "handed-off deliveries did not settle"
 
 
 def read_outbox(app: Flask) -> list[EmailMessage]:
@@ -291,6 +299,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_serve(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``flask --app microapp serve`` on ``port`` in a subprocess, its output in ``log_path``."""
+    with log_path.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flask", "--app", "microapp", "serve", "--port", str(port)],
+            cwd=Path(microapp.__file__).parent, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
 
 class SMTPSink:

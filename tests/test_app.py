@@ -10,7 +10,7 @@ import pytest
 from flask.testing import FlaskClient
 
 import microapp
-from conftest import free_port
+from conftest import free_port, start_serve
 
 JSON = {"Accept": "application/json"}
 
@@ -24,7 +24,13 @@ def test_healthz_answers_when_the_process_runs(client: FlaskClient) -> None:
 def test_readyz_reports_ok_and_the_embedded_mode(client: FlaskClient) -> None:
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json == {"status": "ok", "mode": "embedded", "database": "ok", "redis": "ok"}
+    assert response.json == {
+        "status": "ok",
+        "mode": "embedded",
+        "database": "ok",
+        "redis": "ok",
+        "warnings": [],
+    }
 
 
 def test_readyz_says_degraded_when_redis_is_unreachable(overrides: dict[str, Any]) -> None:
@@ -36,6 +42,8 @@ def test_readyz_says_degraded_when_redis_is_unreachable(overrides: dict[str, Any
         "mode": "connected",
         "database": "ok",
         "redis": "unreachable",
+        "broker": "unreachable",
+        "warnings": [],
     }
 
 
@@ -222,8 +230,6 @@ def test_serve_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     # (running requests get up to 5 s) and hand over queued deliveries, not die mid-request.
     import os
     import signal
-    import subprocess
-    import sys
     import time
     import urllib.request
 
@@ -232,14 +238,7 @@ def test_serve_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     for name in ("REDIS_URL", "DATABASE_URL", "LOG_LEVEL"):
         env.pop(name, None)
     log_path = tmp_path / "serve.log"
-    with log_path.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "microapp", "serve", "--port", str(port)],
-            cwd=Path(microapp.__file__).parent,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    server = start_serve(port, env, log_path)
     try:
         for _ in range(600):
             try:

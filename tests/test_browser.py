@@ -30,6 +30,7 @@ from flask import Flask
 import dal
 import microapp
 import services
+import tasks
 from conftest import (
     FAST_HASH,
     PASSWORD,
@@ -148,6 +149,7 @@ def live(tmp_path: Path) -> Iterator[LiveApp]:
     yield LiveApp(app, f"http://127.0.0.1:{port}")
     server.close()
     thread.join(timeout=5)
+    tasks.hand_over(app, timeout=60)  # nothing of this test delivers after it ended
     with app.app_context():
         dal.stores().engine.dispose()
 

@@ -9,6 +9,7 @@ import hmac
 import itertools
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ import dal
 import microapp
 import services
 import tasks
-from conftest import SMTPSink, WebhookReceiver, free_port
+from conftest import SMTPSink, WebhookReceiver, free_port, settle_deliveries
 
 
 @pytest.fixture
@@ -48,7 +49,8 @@ def make_form(
     """An owner (confirmed unless told otherwise) with one lenient form."""
     with app.app_context():
         with dal.transaction() as conn:
-            owner = dal.insert_user(conn, f"owner{free_port()}@example.com", "x")
+            # A port number is no unique name: the system hands a released port out again.
+            owner = dal.insert_user(conn, f"owner-{uuid.uuid4().hex[:12]}@example.com", "x")
             if confirmed:
                 dal.mark_email_confirmed(conn, owner.id, owner.email)
         form = services.create_form(
@@ -68,7 +70,8 @@ def submit(app: Flask, form: dal.Row, data: dict[str, Any]) -> str:
 
 
 def deliveries(app: Flask, kind: str | None = None) -> list[dal.Row]:
-    """Every delivery row, oldest first."""
+    """Every delivery row, oldest first (after the deliveries handed off so far settled)."""
+    settle_deliveries(app)
     with app.app_context(), dal.connection() as conn:
         query = sa.select(dal.deliveries).order_by(dal.deliveries.c.id)
         if kind:

@@ -23,7 +23,7 @@ from flask import Flask
 import dal
 import microapp
 import services
-from conftest import SMTPSink, WebhookReceiver, free_port, need_service
+from conftest import SMTPSink, WebhookReceiver, free_port, need_service, settle_deliveries
 
 PROJECT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.services
@@ -32,9 +32,10 @@ pytestmark = pytest.mark.services
 class PrivateRedis:
     """A redis-server of the test's own on its own port, stopped and started by PID."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *options: str) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.options = options  # more redis-server options: "--maxmemory-policy", "allkeys-lru"
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
@@ -42,7 +43,7 @@ class PrivateRedis:
         """Start the server and wait until it answers."""
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
@@ -203,6 +204,7 @@ def test_redis_down_while_100_submissions_arrive_loses_nothing(system: dict[str,
         ]
         accepted = sum(1 for a in answers if a.status_code == 201)
         stored = stored_count(app)
+        settle_deliveries(app)
         assert statuses(app) == {"pending": 200}
         private_redis.start()
         wait_for(lambda: statuses(app).get("done") == 200, 120, f"not delivered: {statuses(app)}")

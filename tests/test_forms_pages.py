@@ -25,7 +25,7 @@ from markupsafe import escape
 import dal
 import microapp
 import services
-from conftest import FAST_HASH, AuthActions, csrf_token, post_form
+from conftest import FAST_HASH, AuthActions, csrf_token, post_form, settle_deliveries
 
 BASE_URL = "http://mailslot.test"
 SETTINGS_DEFAULTS = {
@@ -733,6 +733,7 @@ def test_detail_page_shows_every_field_and_where_it_came_from(
     )
     assert response.status_code == 303
     [row] = submission_rows(app, public_id)
+    settle_deliveries(app)
     page = client.get(f"/forms/{public_id}/submissions/{row.public_id}").get_data(as_text=True)
     assert '<dt>name</dt><dd class="value">Ann</dd>' in page
     assert "Line one\nline two" in page
@@ -788,6 +789,7 @@ def test_deleting_a_submission(client: FlaskClient, app: Flask, owner: AuthActio
     public_id = create_form(client)
     keep = submit(client, public_id, {"message": "keep"})
     gone = submit(client, public_id, {"message": "delete me"})
+    settle_deliveries(app)
     path = f"/forms/{public_id}/submissions/{gone}"
     response = post_form(client, f"{path}/delete", {}, page=path)
     assert response.status_code == 302
@@ -967,6 +969,7 @@ def test_deleting_a_form_removes_it_and_its_submissions(
     other = create_form(client, name="Other form")
     submit(client, public_id, {"message": "one"})
     kept = submit(client, other, {"message": "two"})
+    settle_deliveries(app)
     old_id = form_row(app, public_id).id  # type: ignore[union-attr]
 
     response = post_form(client, f"/forms/{public_id}/delete", {})

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 
 import dal
 import services
-from conftest import AuthActions, post_form, read_outbox
+from conftest import AuthActions, post_form, read_outbox, settle_deliveries
 
 
 @pytest.fixture
@@ -184,6 +184,7 @@ def test_spam_sends_nothing_until_marked_not_spam(
     post(app, owner["public_id"], {"message": "free money inside"})
     row = latest(app)
     assert row.is_spam
+    settle_deliveries(app)
     with app.app_context(), dal.connection() as conn:
         assert [d.status for d in dal.deliveries_for(conn, row.id)] == ["held"]
     assert notifications(app) == []
