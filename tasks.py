@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid, parsedate_to_datetime
+from email.utils import formatdate, parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 import email_validator
@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from microapp import Settings
 
 log = structlog.get_logger("mailslot.tasks")
+# Retry jitter draws from its own generator: delivery threads must not move the global random
+# state that other code (and Hypothesis, in the tests) relies on.
+_JITTER = random.Random()  # noqa: S311 - jitter, not secrecy
 
 # =================================================================================================
 # Celery app
@@ -559,7 +562,7 @@ def next_attempt_delay(
     """Seconds until the next attempt after ``attempts`` tries, or None when none is left."""
     if attempts >= len(schedule):
         return None
-    delay = schedule[attempts] * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not secrecy
+    delay = schedule[attempts] * _JITTER.uniform(0.9, 1.1)
     if retry_after is not None:
         delay = max(delay, min(retry_after, 24 * 3600))
     return delay
@@ -1120,13 +1123,16 @@ def build_message(
     message["To"] = Address(addr_spec=recipient)
     message["Subject"] = header_text(subject) or "Mailslot"
     message["Date"] = formatdate(localtime=False)
-    message["Message-ID"] = make_msgid(domain="mailslot")
+    # Our own ids, not make_msgid's or the generator's: those draw on the global random state,
+    # which delivery threads must leave alone.
+    message["Message-ID"] = f"<{uuid.uuid4().hex}@mailslot>"
     reply_address = header_address(reply_to)
     if reply_address:
         message["Reply-To"] = Address(addr_spec=reply_address)
     message.set_content(text)
     if html is not None:
         message.add_alternative(html, subtype="html")
+        message.set_boundary(f"=_mailslot_{uuid.uuid4().hex}")
     check_serialised(message)
     return message
 
