@@ -36,6 +36,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 import dal
 import forms
 import services
+from settings import current_settings
 
 log = structlog.get_logger("mailslot.api")
 
@@ -85,7 +86,7 @@ def _api_error(exc: ApiError) -> Any:
 @api.errorhandler(RequestEntityTooLarge)
 def _api_body_too_large(exc: RequestEntityTooLarge) -> Any:
     """A body over MAX_CONTENT_LENGTH."""
-    limit = services.settings().max_content_length
+    limit = current_settings().max_content_length
     return _api_error(ApiError(413, "body_too_large", f"Send at most {limit} bytes."))
 
 
@@ -871,7 +872,7 @@ class FormsResource(MethodView):
             _owner_id(), body.model_dump(exclude_unset=True)
         )
         response = _answer(FormWithSecret(**_form_values(form), webhook_secret=secret), 201)
-        base_url = services.settings().base_url
+        base_url = current_settings().base_url
         response.headers["Location"] = f"{base_url}/api/v1/forms/{form.public_id}"
         return response
 
@@ -1217,7 +1218,7 @@ def openapi_document(base_url: str) -> dict[str, Any]:
 @api.get("/")
 def api_root() -> Any:
     """The API's entry point: where the document and the reference are."""
-    base = services.settings().base_url
+    base = current_settings().base_url
     return jsonify(
         name="Mailslot API",
         version="v1",
@@ -1229,7 +1230,7 @@ def api_root() -> Any:
 @api.get("/openapi.json")
 def openapi_json() -> Any:
     """The OpenAPI document (no token needed)."""
-    return jsonify(openapi_document(services.settings().base_url))
+    return jsonify(openapi_document(current_settings().base_url))
 
 
 def _type_label(schema: dict[str, Any]) -> str:

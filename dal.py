@@ -19,7 +19,6 @@ from functools import cache, partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
 
 import redis
 import sqlalchemy as sa
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
     from alembic.script import ScriptDirectory
 
-    from microapp import Settings
+    from settings import Settings
 
 __all__ = ["Row"]
 
@@ -328,12 +327,6 @@ def connection() -> Iterator[Connection]:
     """A connection for reads."""
     with stores().engine.connect() as conn:
         yield conn
-
-
-def describe_url(url: str) -> str:
-    """A URL fit for logs: the password is replaced by ***."""
-    password = urlsplit(url).password
-    return url.replace(f":{password}@", ":***@", 1) if password else url
 
 
 # =================================================================================================

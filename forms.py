@@ -14,7 +14,6 @@ from datetime import date
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
-from flask import current_app
 from flask_wtf import FlaskForm
 from werkzeug.datastructures import MultiDict
 from wtforms import (
@@ -44,6 +43,8 @@ from wtforms.validators import (
 )
 from wtforms.widgets import DateInput, ListWidget, NumberInput
 
+from settings import current_settings
+
 EMAIL_MAX_LENGTH = 254
 PASSWORD_MAX_LENGTH = 128
 
@@ -55,7 +56,7 @@ def _strip(value: str | None) -> str | None:
 
 def _min_password_length() -> int:
     """The configured minimum password length."""
-    return current_app.extensions["mailslot.settings"].password_min_length
+    return current_settings().password_min_length
 
 
 def _email_field(label: str, missing: str, *, check_format: bool = True) -> EmailField:

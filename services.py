@@ -33,17 +33,13 @@ from werkzeug.security import check_password_hash, generate_password_hash
 import dal
 import forms
 import tasks
+from settings import current_settings
 
 log = structlog.get_logger("mailslot.services")
 
 # A hash of a random password, checked when the email is unknown so that a wrong address takes as
 # long as a wrong password and timing does not reveal which accounts exist.
 _DUMMY_HASHES: dict[str, str] = {}
-
-
-def settings() -> Any:
-    """The running app's settings."""
-    return current_app.extensions["mailslot.settings"]
 
 
 # =================================================================================================
@@ -58,7 +54,7 @@ def normalise_email(email: str) -> str:
 
 def hash_password(password: str) -> str:
     """Hash with the configured werkzeug method."""
-    return generate_password_hash(password, method=settings().password_hash_method)
+    return generate_password_hash(password, method=current_settings().password_hash_method)
 
 
 ACCOUNT_EXISTS_EVERY = 3600  # at most one "someone tried to sign up" email per address per hour
@@ -143,7 +139,7 @@ def log_in(email: str, password: str, client_ip: str | None = None) -> dal.Row |
 
 def _check_password(email: str, password: str) -> dal.Row | None:
     """The owner if the password is right; constant work for unknown addresses."""
-    method = settings().password_hash_method
+    method = current_settings().password_hash_method
     with dal.connection() as conn:
         user = dal.user_by_email(conn, normalise_email(email))
     if user is None:
@@ -188,7 +184,7 @@ def _confirm_serializer() -> URLSafeTimedSerializer:
 def confirmation_link(user_id: int, email: str) -> str:
     """A signed, expiring link that confirms this address for this owner (made at send time)."""
     token = _confirm_serializer().dumps({"uid": user_id, "email": email})
-    return f"{settings().base_url}/confirm/{token}"
+    return f"{current_settings().base_url}/confirm/{token}"
 
 
 def send_confirmation(user_id: int) -> bool:
@@ -262,7 +258,9 @@ def replay_account_email(user_id: int, delivery_id: int) -> bool:
 def confirm_email(token: str) -> str:
     """Check a confirmation token: 'confirmed', 'already', 'expired' or 'invalid'."""
     try:
-        payload = _confirm_serializer().loads(token, max_age=settings().confirm_token_max_age)
+        payload = _confirm_serializer().loads(
+            token, max_age=current_settings().confirm_token_max_age
+        )
     except SignatureExpired:
         return "expired"
     except BadSignature:
@@ -390,7 +388,7 @@ def delete_submission(submission: dal.Row) -> None:
 
 def endpoint_url(form: dal.Row) -> str:
     """The address a website's form posts to."""
-    return f"{settings().base_url}/f/{form.public_id}"
+    return f"{current_settings().base_url}/f/{form.public_id}"
 
 
 def install_snippets(form: dal.Row) -> dict[str, str]:
@@ -594,7 +592,7 @@ def _on_trusted_site(form: dal.Row, url: forms.WebUrl, *, exact_port: bool) -> b
     any port of its host for the site a post comes from (``exact_port`` False), and only the
     scheme's default port for where a browser is sent (``exact_port`` True).
     """
-    own = forms.parse_web_url(settings().base_url)
+    own = forms.parse_web_url(current_settings().base_url)
     if own is not None and (url.host, url.port) == (own.host, own.port):
         return True
     for entry in form.allowed_domains or []:
@@ -647,7 +645,9 @@ def safe_redirect(form: dal.Row, next_url: Any, posted_from: str | None) -> str 
     as sent; anything that does not parse is None, and the caller's default applies.
     """
     page = forms.parse_web_url(posted_from)
-    target = forms.parse_web_url(next_url, base=page.url if page else settings().base_url + "/")
+    target = forms.parse_web_url(
+        next_url, base=page.url if page else current_settings().base_url + "/"
+    )
     if target is None:
         return None
     if _on_trusted_site(form, target, exact_port=True):
@@ -728,7 +728,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
     redirect_to = (
         safe_redirect(form, _control_value(values, "_next"), posted_from)
         or form.redirect_url
-        or f"{settings().base_url}/f/{form.public_id}/thanks"
+        or f"{current_settings().base_url}/f/{form.public_id}/thanks"
     )
     if _control_value(values, form.honeypot_field):
         dal.bump_counter(f"form:{form.id}:honeypot")
@@ -741,7 +741,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
         if not key.startswith("_") and key != form.honeypot_field and key != "csrf_token"
     }
     schema = form.fields or (forms.DEFAULT_FIELDS if req.hosted else [])
-    conf = settings()
+    conf = current_settings()
     clean, errors = forms.validate_submission(
         schema,
         data,
@@ -822,7 +822,7 @@ _URL_PATTERN = re.compile(r"https?://|www\.", re.IGNORECASE)
 
 def submission_limits(public_id: str, ip_hash: str | None) -> list[dal.Limit]:
     """Per client IP per form (a minute and an hour) and per form overall (an hour)."""
-    conf = settings()
+    conf = current_settings()
     if not conf.rate_limits_enabled:
         return []
     limits = [dal.Limit(f"form:{public_id}", conf.submit_limit_per_form_hour, 3600)]
@@ -844,7 +844,7 @@ class RateLimited(Exception):
 
 def _login_limits(email: str, client_ip: str | None) -> list[dal.Limit]:
     """Failed logins per account and per client address."""
-    conf = settings()
+    conf = current_settings()
     if not conf.rate_limits_enabled:
         return []
     window, count = conf.login_failure_window, conf.login_failure_limit
@@ -857,7 +857,7 @@ def _login_limits(email: str, client_ip: str | None) -> list[dal.Limit]:
 
 def check_signup_rate(client_ip: str | None) -> None:
     """Count a sign-up attempt from this address; RateLimited past the limit."""
-    conf = settings()
+    conf = current_settings()
     if not conf.rate_limits_enabled or not client_ip:
         return
     limit = dal.Limit(f"signup:{hash_ip(client_ip)}", conf.signup_limit_per_ip_hour, 3600)
@@ -900,7 +900,7 @@ def spam_reasons(
     form: Any, data: dict[str, Any], *, velocity: int, rendered: Any, hosted: bool
 ) -> list[tuple[float, str]]:
     """Each local spam signal that fired, with its weight and the reason shown to the owner."""
-    conf = settings()
+    conf = current_settings()
     reasons: list[tuple[float, str]] = []
     texts = [value for value in data.values() if isinstance(value, str)]
     links = sum(len(_URL_PATTERN.findall(text)) for text in texts)
@@ -987,7 +987,9 @@ def check_webhook_url(url: str) -> str | None:
     """Why this URL cannot be a webhook target, or None when it can."""
     try:
         resolve_webhook_target(
-            url, settings().webhook_allow_private, dns_timeout=settings().webhook_dns_timeout
+            url,
+            current_settings().webhook_allow_private,
+            dns_timeout=current_settings().webhook_dns_timeout,
         )
     except BlockedAddress as exc:
         return str(exc)
@@ -1065,7 +1067,7 @@ def send_test_event(form: dal.Row) -> str:
             "data": {"form": {"id": form.public_id, "name": form.name}},
         }
     ).encode()
-    timeout = settings().webhook_test_timeout
+    timeout = current_settings().webhook_test_timeout
     try:
         status, _ = tasks.post_webhook(
             form.webhook_url,
@@ -1410,7 +1412,7 @@ def api_token_owner(token: str) -> dal.Row | None:
 
 def api_rate_limit(token_id: int) -> int | None:
     """Count one call for this token; seconds to wait when it is over API_RATE_LIMIT, else None."""
-    count, seconds = settings().api_rate_limit_window
+    count, seconds = current_settings().api_rate_limit_window
     result = dal.hit_limits([dal.Limit(f"api:{token_id}", count, seconds)])
     return result.retry_after if result.exceeded is not None else None
 
@@ -1658,7 +1660,7 @@ def readiness() -> dict[str, Any]:
     ``warnings`` lists what an operator should fix that does not stop Mailslot working now,
     such as a broker Redis that may evict queued tasks.
     """
-    report: dict[str, Any] = {"mode": settings().mode}
+    report: dict[str, Any] = {"mode": current_settings().mode}
     try:
         with dal.connection() as conn:
             state = dal.schema_state(conn)
@@ -1670,7 +1672,7 @@ def readiness() -> dict[str, Any]:
         report["database"] = "unreachable"
     report["redis"] = "ok" if dal.redis_reachable() else "unreachable"
     report["warnings"] = []
-    if not settings().embedded:
+    if not current_settings().embedded:
         report["broker"] = "ok" if dal.redis_reachable(broker=True) else "unreachable"
         report["warnings"] = broker_warnings() if report["broker"] == "ok" else []
     if report["database"] != "ok":

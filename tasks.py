@@ -41,9 +41,10 @@ from flask import Flask, current_app, render_template
 
 import dal
 import services
+from settings import current_settings
 
 if TYPE_CHECKING:
-    from microapp import Settings
+    from settings import Settings
 
 log = structlog.get_logger("mailslot.tasks")
 # Retry jitter draws from its own generator: delivery threads must not move the global random
@@ -500,7 +501,7 @@ def deliver(delivery_id: int, attempts: int | None = None) -> str:
     calls, inline sweeps) claims whatever is claimable.
     """
     structlog.contextvars.bind_contextvars(delivery_id=delivery_id)
-    settings = services.settings()
+    settings = current_settings()
     with dal.transaction() as conn:
         claimed = dal.claim_delivery(
             conn, delivery_id, settings.delivery_lease_seconds, expect_attempts=attempts
@@ -577,7 +578,7 @@ def _record_failure(
     retry_after: float | None = None,
 ) -> str:
     """Schedule the next attempt, or mark the delivery dead when none is left."""
-    settings = services.settings()
+    settings = current_settings()
     error = error[:1000]
     delay = (
         None
@@ -617,7 +618,7 @@ def sweep_outbox() -> int:
 
 def sweep(*, inline: bool, limit: int = 500) -> int:
     """Find due deliveries and enqueue them (or, with no worker, deliver them right here)."""
-    settings = services.settings()
+    settings = current_settings()
     with dal.transaction() as conn:
         due = dal.due_deliveries(
             conn, limit, push_back_seconds=0 if inline else settings.delivery_lease_seconds
@@ -843,7 +844,7 @@ def send_notification(context: Any) -> None:
     """
     if context.owner_confirmed_at is None or context.target != context.owner_email:
         raise PermanentFailure("the owner's address is not confirmed (or changed)")
-    settings = services.settings()
+    settings = current_settings()
     link = (
         f"{settings.base_url}/forms/{context.form_public_id}"
         f"/submissions/{context.submission_public_id}"
@@ -918,7 +919,7 @@ def _confirm_values(context: Any) -> dict[str, Any] | None:
 
 def _account_exists_values(context: Any) -> dict[str, Any]:
     """The address and where to log in (nothing secret: the person asking may not own it)."""
-    return {"email": context.user_email, "login_link": f"{services.settings().base_url}/login"}
+    return {"email": context.user_email, "login_link": f"{current_settings().base_url}/login"}
 
 
 ACCOUNT_EMAILS: dict[str, AccountEmail] = {
@@ -1018,7 +1019,7 @@ def post_webhook(
     ``timeouts`` is (connect, read) in seconds; by default the worker's WEBHOOK_*_TIMEOUT.
     A refused address is a PermanentFailure; a name that does not resolve (now) is temporary.
     """
-    settings = services.settings()
+    settings = current_settings()
     connect_timeout, read_timeout = timeouts or (
         settings.webhook_connect_timeout,
         settings.webhook_read_timeout,
@@ -1111,7 +1112,7 @@ def build_message(
     an unusable subject becomes "Mailslot", an unusable Reply-To is left out, and an unusable
     sender or recipient raises UnsafeMessage. The bytes are then read back (``check_serialised``).
     """
-    settings = services.settings()
+    settings = current_settings()
     sender = sender_address(settings.mail_from)
     if sender is None:
         raise UnsafeMessage("MAIL_FROM is not one usable address; fix the setting")
@@ -1148,7 +1149,7 @@ def send_mail(
 
 def transmit(message: EmailMessage) -> None:
     """Send a built message: SMTP, or the console (log + .eml in the outbox)."""
-    settings = services.settings()
+    settings = current_settings()
     if settings.mail_backend == "smtp":
         _send_smtp(settings, message)
     else:

@@ -989,7 +989,7 @@ class Bench:
             ),
             platform.processor(),
         )
-        import dal
+        from settings import describe_url
 
         return {
             "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -997,7 +997,7 @@ class Bench:
             "machine": f"{os.cpu_count()} CPUs ({cpu}), "
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024**3:.0f} GiB",
             "python": platform.python_version(),
-            "database": dal.describe_url(self.database_url).split("://")[0]
+            "database": describe_url(self.database_url).split("://")[0]
             + (
                 f" {sqlite3.sqlite_version} (WAL, synchronous=FULL)"
                 if "sqlite" in self.database_url

@@ -49,7 +49,7 @@ def run_migrations(connection: Connection) -> None:
 
 def app_database_url() -> str:
     """The database the app would use (the alembic command line only)."""
-    from microapp import load_settings
+    from settings import load_settings
 
     return load_settings().database_url_or_default
 

@@ -27,8 +27,8 @@ from sqlalchemy.exc import OperationalError
 import api
 import dal
 import forms
-import microapp
 import services
+import settings as settings_module
 from conftest import AuthActions, WebhookReceiver, post_form, settle_deliveries
 
 TOKEN_RE = re.compile(r"ms_live_[A-Za-z0-9_-]{43}")
@@ -355,11 +355,14 @@ def test_rate_limit_falls_back_to_the_in_process_limiter_when_redis_is_down(
 
 
 def test_api_rate_limit_setting_is_checked() -> None:
-    assert microapp.load_settings(api_rate_limit="20 per hour").api_rate_limit_window == (20, 3600)
-    assert microapp.load_settings(api_rate_limit="5/second").api_rate_limit_window == (5, 1)
+    assert settings_module.load_settings(api_rate_limit="20 per hour").api_rate_limit_window == (
+        20,
+        3600,
+    )
+    assert settings_module.load_settings(api_rate_limit="5/second").api_rate_limit_window == (5, 1)
     for bad in ("600", "0/minute", "ten/minute", "6/fortnight"):
-        with pytest.raises(microapp.SettingsError, match="API_RATE_LIMIT"):
-            microapp.load_settings(api_rate_limit=bad)
+        with pytest.raises(settings_module.SettingsError, match="API_RATE_LIMIT"):
+            settings_module.load_settings(api_rate_limit=bad)
 
 
 # --- forms -------------------------------------------------------------------------------------

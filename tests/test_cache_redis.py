@@ -23,6 +23,7 @@ from test_faults import PrivateRedis, wait_for
 import dal
 import microapp
 import services
+import settings as settings_module
 import tasks
 from conftest import free_port, need_service, start_serve
 
@@ -33,7 +34,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 
 def test_cache_redis_url_defaults_to_the_broker_url(overrides: dict[str, Any]) -> None:
-    settings = microapp.load_settings(**overrides, redis_url="redis://127.0.0.1:6399/3")
+    settings = settings_module.load_settings(**overrides, redis_url="redis://127.0.0.1:6399/3")
     assert settings.cache_redis_url == ""
     assert settings.cache_redis_url_or_default == "redis://127.0.0.1:6399/3"
 
@@ -59,14 +60,14 @@ def test_cache_redis_url_defaults_to_the_broker_url(overrides: dict[str, Any]) -
 def test_a_bad_cache_redis_url_stops_start_up_with_the_key_named(
     overrides: dict[str, Any], values: dict[str, str], message: str
 ) -> None:
-    with pytest.raises(microapp.SettingsError) as info:
-        microapp.load_settings(**overrides, smtp_password="hunter2", **values)
+    with pytest.raises(settings_module.SettingsError) as info:
+        settings_module.load_settings(**overrides, smtp_password="hunter2", **values)
     assert message in str(info.value)
     assert "hunter2" not in str(info.value)
 
 
 def test_rediss_cache_url_is_accepted(overrides: dict[str, Any]) -> None:
-    settings = microapp.load_settings(
+    settings = settings_module.load_settings(
         **overrides, redis_url="redis://b/0", cache_redis_url="rediss://c:6380/1"
     )
     assert settings.cache_redis_url_or_default == "rediss://c:6380/1"

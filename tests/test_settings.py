@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import microapp
+import settings as settings_module
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def test_precedence_is_keyword_then_environment_then_toml_then_default(
 ) -> None:
     monkeypatch.setenv("MAIL_FROM", "env@example.com")
     monkeypatch.setenv("SMTP_PORT", "2626")
-    settings = microapp.load_settings(smtp_port=2727)
+    settings = settings_module.load_settings(smtp_port=2727)
     assert settings.port == 7000  # toml beats the code default 8000
     assert settings.mail_from == "env@example.com"  # environment beats toml
     assert settings.smtp_port == 2727  # keyword beats environment
@@ -35,8 +36,8 @@ def test_precedence_is_keyword_then_environment_then_toml_then_default(
 
 def test_project_settings_toml_matches_code_defaults() -> None:
     """settings.toml documents every default; it must agree with the code."""
-    from_file = microapp.load_settings()
-    assert from_file.model_dump() == microapp.Settings.model_construct().model_dump() | {
+    from_file = settings_module.load_settings()
+    assert from_file.model_dump() == settings_module.Settings.model_construct().model_dump() | {
         key: getattr(from_file, key) for key in ("secret_key", "smtp_password")
     }
 
@@ -45,7 +46,7 @@ def test_bad_value_stops_start_up_with_a_message_naming_the_key(
     settings_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SMTP_PORT", "twenty-five")
-    with pytest.raises(microapp.SettingsError) as info:
+    with pytest.raises(settings_module.SettingsError) as info:
         microapp.create_app()
     assert "SMTP_PORT" in str(info.value)
     assert "'twenty-five'" in str(info.value)
@@ -53,8 +54,8 @@ def test_bad_value_stops_start_up_with_a_message_naming_the_key(
 
 def test_misspelled_key_in_settings_file_is_named(settings_file: Path) -> None:
     settings_file.write_text('DATABSE_URL = "sqlite:///x.db"\n')
-    with pytest.raises(microapp.SettingsError, match="DATABSE_URL: unknown setting"):
-        microapp.load_settings()
+    with pytest.raises(settings_module.SettingsError, match="DATABSE_URL: unknown setting"):
+        settings_module.load_settings()
 
 
 @pytest.mark.parametrize(
@@ -72,13 +73,13 @@ def test_misspelled_key_in_settings_file_is_named(settings_file: Path) -> None:
 def test_bad_values_are_refused_with_the_key_named(
     settings_file: Path, key: str, value: object, fragment: str
 ) -> None:
-    with pytest.raises(microapp.SettingsError, match=re.escape(fragment)):
-        microapp.load_settings(**{key: value})
+    with pytest.raises(settings_module.SettingsError, match=re.escape(fragment)):
+        settings_module.load_settings(**{key: value})
 
 
 def test_secret_values_are_not_echoed_in_errors(settings_file: Path) -> None:
-    with pytest.raises(microapp.SettingsError) as info:
-        microapp.load_settings(smtp_password=["not", "a", "string"])
+    with pytest.raises(settings_module.SettingsError) as info:
+        settings_module.load_settings(smtp_password=["not", "a", "string"])
     assert "SMTP_PASSWORD" in str(info.value)
     assert "not" not in str(info.value).replace("not a valid", "")
 
@@ -94,12 +95,14 @@ def test_secret_values_are_not_echoed_in_errors(settings_file: Path) -> None:
 def test_database_urls_a_paas_gives_are_accepted(
     settings_file: Path, given: str, stored: str
 ) -> None:
-    assert microapp.load_settings(database_url=given).database_url == stored
+    assert settings_module.load_settings(database_url=given).database_url == stored
 
 
 def test_production_without_secret_key_is_an_error(settings_file: Path) -> None:
-    with pytest.raises(microapp.SettingsError, match="SECRET_KEY must be set when ENV=production"):
-        microapp.load_settings(env="production")
+    with pytest.raises(
+        settings_module.SettingsError, match="SECRET_KEY must be set when ENV=production"
+    ):
+        settings_module.load_settings(env="production")
 
 
 def test_development_secret_key_is_generated_once(tmp_path: Path, settings_file: Path) -> None:

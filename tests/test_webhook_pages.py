@@ -17,6 +17,7 @@ from test_forms_pages import create_form
 
 import dal
 import microapp
+import settings as settings_module
 from conftest import AuthActions, WebhookReceiver, csrf_token, post_form, settle_deliveries
 
 
@@ -283,5 +284,7 @@ def test_send_test_event_reports_the_receivers_answer(
 @pytest.mark.parametrize("key", ["webhook_dns_timeout", "webhook_test_timeout"])
 @pytest.mark.parametrize("value", [0, -1.5])
 def test_webhook_dns_and_test_timeouts_must_be_positive(key: str, value: float) -> None:
-    with pytest.raises(microapp.SettingsError, match=f"{key.upper()}: must be greater than 0"):
-        microapp.load_settings(**{key: value})
+    with pytest.raises(
+        settings_module.SettingsError, match=f"{key.upper()}: must be greater than 0"
+    ):
+        settings_module.load_settings(**{key: value})
