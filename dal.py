@@ -1,26 +1,23 @@
-"""Every SQL statement and every Redis access in Mailslot.
+"""Every SQL statement in Mailslot: the tables (the Alembic metadata), the engine and its
+transactions, and every query.
 
-Query functions take a SQLAlchemy ``Connection`` first so that callers compose them inside one
-transaction (``with transaction() as conn: ...``). Nothing here knows about Flask requests.
+Query functions take a connection first so that callers compose them inside one transaction
+(``with transaction() as conn: ...``). Nothing here knows about Flask requests or talks to Redis
+(``cache`` does, and calls this module for its SQL fallbacks).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import threading
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
-import redis
 import sqlalchemy as sa
 import structlog
 from flask import Flask, current_app
@@ -214,22 +211,15 @@ api_tokens = sa.Table(
 _alembic_version = sa.table("alembic_version", sa.column("version_num", sa.String))
 
 # =================================================================================================
-# Engine, Redis client and the app's stores
+# Engine and transactions
 # =================================================================================================
 
 
 @dataclass
-class Stores:
-    """What one app talks to: one SQL engine, the cache's Redis and the broker's Redis."""
+class Database:
+    """What one app's SQL goes through: its engine, and on SQLite its writers' lock."""
 
     engine: Engine
-    redis: redis.Redis  # cache, counters and rate limits (CACHE_REDIS_URL, else REDIS_URL)
-    key_prefix: str
-    embedded_redis: bool
-    # The Celery broker's Redis (REDIS_URL), read only for its health; None in embedded mode.
-    broker_redis: redis.Redis | None = None
-    # The stand-in for Redis's rate-limit counters while Redis is unreachable (per app).
-    local_windows: _LocalWindows = field(default_factory=lambda: _LocalWindows())
     # SQLite allows one writer at a time and makes the others poll with growing sleeps (up to
     # 100 ms each) while they wait: under load some threads lose every race and wait for seconds.
     # This process's writers queue on a lock instead; other processes still meet busy_timeout.
@@ -248,7 +238,7 @@ def _sqlite_pragmas(
     cursor.close()
 
 
-def _json_dumps(value: Any) -> str:
+def json_text(value: Any) -> str:
     """JSON as stored: real characters rather than \\u escapes, so text search finds them."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -257,13 +247,13 @@ def make_engine(url: str) -> Engine:
     """One engine per app; SQLite gets its pragmas on every new connection. Connects lazily."""
     if url.startswith("sqlite"):
         engine = sa.create_engine(
-            url, connect_args={"check_same_thread": False}, json_serializer=_json_dumps
+            url, connect_args={"check_same_thread": False}, json_serializer=json_text
         )
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return sa.create_engine(
         url,
-        json_serializer=_json_dumps,
+        json_serializer=json_text,
         pool_pre_ping=True,
         pool_size=5,
         max_overflow=10,
@@ -271,53 +261,24 @@ def make_engine(url: str) -> Engine:
     )
 
 
-def make_redis(settings: Settings) -> tuple[redis.Redis, bool]:
-    """The cache's Redis client, or an in-process server when REDIS_URL is empty."""
-    if not settings.redis_url:
-        import fakeredis  # embedded mode only: connected processes start without importing it
-
-        return fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True), True
-    return _redis_client(settings.cache_redis_url_or_default, settings), False
-
-
-def _redis_client(url: str, settings: Settings) -> redis.Redis:
-    """A client with short timeouts: a slow Redis never stalls a request."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=settings.redis_timeout,
-        socket_timeout=settings.redis_timeout,
-        decode_responses=True,
-        retry_on_timeout=False,
-    )
-
-
 def init_app(app: Flask, settings: Settings) -> None:
-    """Attach the stores to the app; no connection is opened here."""
-    client, embedded = make_redis(settings)
-    broker = None
-    if not embedded:
-        same = settings.cache_redis_url_or_default == settings.redis_url
-        broker = client if same else _redis_client(settings.redis_url, settings)
+    """Attach the database to the app; no connection is opened here."""
     engine = make_engine(settings.database_url_or_default)
-    app.extensions["mailslot.stores"] = Stores(
+    app.extensions["mailslot.database"] = Database(
         engine=engine,
-        redis=client,
-        key_prefix=settings.redis_key_prefix,
-        embedded_redis=embedded,
-        broker_redis=broker,
         write_lock=threading.RLock() if engine.dialect.name == "sqlite" else None,
     )
 
 
-def stores() -> Stores:
-    """The current app's stores."""
-    return current_app.extensions["mailslot.stores"]
+def database() -> Database:
+    """The current app's database."""
+    return current_app.extensions["mailslot.database"]
 
 
 @contextmanager
 def transaction() -> Iterator[Connection]:
     """One database transaction: committed on success, rolled back on any error."""
-    current = stores()
+    current = database()
     with current.write_lock or nullcontext(), current.engine.begin() as conn:
         yield conn
 
@@ -325,7 +286,7 @@ def transaction() -> Iterator[Connection]:
 @contextmanager
 def connection() -> Iterator[Connection]:
     """A connection for reads."""
-    with stores().engine.connect() as conn:
+    with database().engine.connect() as conn:
         yield conn
 
 
@@ -505,11 +466,11 @@ def _migration_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
         return sa.create_engine(
             url,
-            json_serializer=_json_dumps,
+            json_serializer=json_text,
             poolclass=sa.pool.NullPool,
             connect_args={"connect_timeout": 5},
         )
-    engine = sa.create_engine(url, json_serializer=_json_dumps, poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(url, json_serializer=json_text, poolclass=sa.pool.NullPool)
     sa.event.listen(
         engine,
         "connect",
@@ -532,7 +493,7 @@ def _begin_exclusive(conn: Connection) -> None:
 
 def _app_database_url() -> str:
     """The current app's database URL, password included."""
-    return stores().engine.url.render_as_string(hide_password=False)
+    return database().engine.url.render_as_string(hide_password=False)
 
 
 @cache
@@ -552,35 +513,6 @@ def _revisions_after(start: str | None) -> list[str]:
     """The revisions from just after ``start`` up to the head, oldest first."""
     scripts = _script_directory().iterate_revisions("head", start or "base")
     return [script.revision for script in reversed(list(scripts))]
-
-
-def redis_reachable(*, broker: bool = False) -> bool:
-    """True when the cache's Redis (or the broker's) answers a PING within its timeout."""
-    client = stores().broker_redis if broker else stores().redis
-    try:
-        return client is not None and bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-
-
-def broker_eviction_policy() -> str | None:
-    """The broker's Redis ``maxmemory-policy``; None in embedded mode or when Redis cannot say.
-
-    CONFIG GET first; managed Redis services that forbid CONFIG report it in INFO memory.
-    """
-    client = stores().broker_redis
-    if client is None:
-        return None
-    try:
-        try:
-            policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
-        except redis.ResponseError:  # CONFIG disabled, renamed or not permitted
-            policy = None
-        policy = policy or client.info("memory").get("maxmemory_policy")
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("broker-policy", exc)
-        return None
-    return str(policy) if policy else None
 
 
 # =================================================================================================
@@ -678,6 +610,41 @@ def delete_form(conn: Connection, form_id: int) -> None:
 def form_by_public_id(conn: Connection, public_id: str) -> Row | None:
     """A form by its public id, whoever owns it (the public endpoint's lookup)."""
     return conn.execute(sa.select(forms).where(forms.c.public_id == public_id)).one_or_none()
+
+
+@dataclass(frozen=True, slots=True)
+class PublicForm:
+    """What the submission path and the hosted page know of a form (cached in Redis): never
+    its webhook secret."""
+
+    id: int
+    public_id: str
+    owner_id: int
+    name: str
+    fields: list[dict[str, Any]]
+    schema_version: int
+    strict: bool
+    redirect_url: str | None
+    allowed_domains: list[str]
+    honeypot_field: str
+    webhook_url: str | None
+    notify: bool
+    status: str
+    spam_rules: dict[str, list[str]]
+    description: str
+    thanks_message: str
+    show_branding: bool
+
+
+_PUBLIC_FORM = sa.select(*(forms.c[name] for name in PublicForm.__dataclass_fields__)).where(
+    forms.c.public_id == sa.bindparam("public_id")
+)
+
+
+def public_view_of_form(conn: Connection, public_id: str) -> PublicForm | None:
+    """The public view of a form by its public id, whoever owns it (the cache's fill)."""
+    row = conn.execute(_PUBLIC_FORM, {"public_id": public_id}).one_or_none()
+    return None if row is None else PublicForm(*row)
 
 
 def owned_form(conn: Connection, owner_id: int, public_id: str) -> Row | None:
@@ -856,426 +823,6 @@ def deliveries_for(conn: Connection, submission_id: int) -> list[Row]:
             .order_by(deliveries.c.id)
         )
     )
-
-
-# =================================================================================================
-# Redis: the form cache, counters and rate limits
-# =================================================================================================
-# Every key is namespaced (``<prefix>v1:…``) and gets a TTL. Redis is a speed-up and an abuse
-# brake, never a dependency: on any Redis error we read through to SQL, fall back to an
-# in-process limiter, and warn at most once a minute.
-
-FORM_CACHE_TTL = 300
-NEGATIVE_CACHE_TTL = 30
-COUNTER_TTL = 40 * 24 * 3600
-STATS_TTL = 60
-_CACHED_FORM_COLUMNS = (
-    "id", "public_id", "owner_id", "name", "fields", "schema_version", "strict",
-    "redirect_url", "allowed_domains", "honeypot_field", "webhook_url", "notify", "status",
-    "spam_rules", "description", "thanks_message", "show_branding",
-)  # fmt: skip
-_warned_at: dict[str, float] = {}
-_warn_lock = threading.Lock()
-
-
-def redis_trouble(what: str, exc: BaseException) -> None:
-    """Log a Redis failure as a warning, at most once a minute per kind of use."""
-    now = time.monotonic()
-    with _warn_lock:
-        if now - _warned_at.get(what, -1e9) < 60:
-            return
-        _warned_at[what] = now
-    log.warning("redis.unavailable", use=what, error=f"{type(exc).__name__}: {exc}"[:200])
-
-
-def _key(*parts: Any) -> str:
-    """A namespaced, versioned key."""
-    return stores().key_prefix + "v1:" + ":".join(str(p) for p in parts)
-
-
-class CachedForm(SimpleNamespace):
-    """The public view of a form, as the submission path and the hosted page need it."""
-
-
-def _cached_form(row: Row) -> CachedForm:
-    """The cacheable columns of a form row (never the webhook secret)."""
-    return CachedForm(**{name: getattr(row, name) for name in _CACHED_FORM_COLUMNS})
-
-
-def public_form(public_id: str) -> CachedForm | None:
-    """A form by public id through the cache (a miss reads SQL and fills the cache)."""
-    try:
-        raw = stores().redis.get(_key("form", public_id))
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("form-cache", exc)
-        return _form_from_sql(public_id)
-    return _form_from_cache_or_sql(public_id, raw)
-
-
-def _form_from_cache_or_sql(public_id: str, raw: str | None) -> CachedForm | None:
-    """A cache reply decoded; on a miss the form from SQL, written to the cache (a found form
-    for FORM_CACHE_TTL, an unknown id for NEGATIVE_CACHE_TTL)."""
-    if raw is not None:
-        data = json.loads(raw)
-        return CachedForm(**data) if data else None
-    form = _form_from_sql(public_id)
-    ttl = FORM_CACHE_TTL if form is not None else NEGATIVE_CACHE_TTL
-    fill = _json_dumps(vars(form) if form is not None else None)
-    try:
-        stores().redis.set(_key("form", public_id), fill, ex=ttl)
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("form-cache", exc)
-    return form
-
-
-def _form_from_sql(public_id: str) -> CachedForm | None:
-    """The cacheable view of a form, read from SQL."""
-    with connection() as conn:
-        row = form_by_public_id(conn, public_id)
-    return _cached_form(row) if row is not None else None
-
-
-def intake_lookup(
-    public_id: str, limits: list[Limit], counters: tuple[tuple[str, int], ...] = ()
-) -> tuple[CachedForm | None, LimitResult]:
-    """The submission path's Redis work: the cached form, the limits and the counters together.
-
-    One round trip with a warm cache; a miss reads SQL and writes the fill in a second one.
-    Hits are counted before the form is known, so posts to unknown or paused forms count too.
-    Redis unreachable: the form from SQL and the in-process limiter.
-    """
-    now = time.time()
-    try:
-        pipe = stores().redis.pipeline(transaction=False)
-        pipe.get(_key("form", public_id))
-        _queue_hits(pipe, limits, counters, now, count=True)
-        replies = pipe.execute()
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("rate-limits", exc)
-        return _form_from_sql(public_id), _hit_local(limits, now, count=True)
-    form = _form_from_cache_or_sql(public_id, replies[0])
-    return form, _read_hits(replies[1:], limits, counters, now, count=True)
-
-
-def invalidate_form(public_id: str) -> None:
-    """Drop a form's cached entry (after every write to the form)."""
-    try:
-        stores().redis.delete(_key("form", public_id))
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("form-cache", exc)
-
-
-@contextmanager
-def form_write(public_id: str) -> Iterator[Connection]:
-    """A transaction that changes a form; its cache entry is gone before this returns."""
-    invalidate_form(public_id)
-    with transaction() as conn:
-        yield conn
-    invalidate_form(public_id)
-
-
-@dataclass(frozen=True)
-class Limit:
-    """At most ``count`` hits per ``seconds`` for one key."""
-
-    name: str
-    count: int
-    seconds: int
-
-
-@dataclass
-class LimitResult:
-    """Which limit (if any) is exceeded, and when to try again."""
-
-    exceeded: Limit | None = None
-    retry_after: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
-
-
-class _LocalWindows:
-    """The in-process stand-in used while Redis is unreachable (per process, thread-safe)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.counts: dict[str, int] = {}
-        self.logs: dict[str, dict[str, float]] = {}  # limit name -> {ticket: time}
-
-    def incr(self, key: str) -> int:
-        """Count a hit in a window; forget windows that ended."""
-        with self.lock:
-            if len(self.counts) > 100_000:
-                self.counts.clear()
-            self.counts[key] = self.counts.get(key, 0) + 1
-            return self.counts[key]
-
-    def get(self, key: str) -> int:
-        """A window's count."""
-        with self.lock:
-            return self.counts.get(key, 0)
-
-    def admit(self, limits: list[Limit], now: float, ticket: str) -> Admission:
-        """admit_attempt's decision and record, under the lock: one step, as in Redis."""
-        with self.lock:
-            if len(self.logs) > 100_000:
-                self.logs.clear()
-            logs = []
-            for limit in limits:
-                log_ = self.logs.setdefault(limit.name, {})
-                for old, at in list(log_.items()):
-                    if at <= now - 2 * limit.seconds:
-                        del log_[old]
-                logs.append(list(log_.values()))
-            admission = _admission(limits, logs, now, ticket)
-            if admission.exceeded is None:
-                for limit in limits:
-                    self.logs[limit.name][ticket] = now
-            return admission
-
-    def withdraw(self, limits: list[Limit], ticket: str) -> None:
-        """Take an attempt back."""
-        with self.lock:
-            for limit in limits:
-                self.logs.get(limit.name, {}).pop(ticket, None)
-
-
-_MICROS = 1_000_000  # the estimates work in whole microseconds: exact integer arithmetic
-
-
-def _window(limit: Limit, now: float) -> tuple[int, int]:
-    """The current fixed window's number and how far into it we are (microseconds)."""
-    return divmod(round(now * _MICROS), limit.seconds * _MICROS)
-
-
-def _decide(
-    limits: list[Limit], counts: list[tuple[int, int]], now: float, pending: int = 0
-) -> LimitResult:
-    """Compare sliding-window estimates (plus ``pending`` uncounted hits) with the limits."""
-    result = LimitResult()
-    for limit, (current, previous) in zip(limits, counts, strict=True):
-        number, into = _window(limit, now)
-        span = limit.seconds * _MICROS
-        result.counters[limit.name] = current
-        # Sliding-window estimate: this window's hits plus the unexpired share of the last one's,
-        # current + previous * (span - into) / span > count, multiplied out by span.
-        if (current + pending - limit.count) * span + previous * (span - into) > 0:
-            lifts = _estimate_lifts_at(limit.count, span, current, previous, number * span)
-            wait = -((number * span + into - lifts) // _MICROS)
-            if result.exceeded is None or wait > result.retry_after:
-                result.exceeded, result.retry_after = limit, wait
-    return result
-
-
-def _estimate_lifts_at(count: int, span: int, current: int, previous: int, start: int) -> int:
-    """The first microsecond at which one more hit fits, if no other hit comes first (the retry
-    counts too); the window of ``span`` microseconds began at ``start``.
-
-    The estimate falls as the last window's share shrinks. Within this window the retry needs
-    ``previous * (span - into) <= (count - current - 1) * span``; in the next one, where this
-    window is the last, ``current * (span - into) <= (count - 1) * span``.
-    """
-    if previous and current + 1 <= count:
-        return start + span - (count - current - 1) * span // previous
-    if current <= count - 1:
-        return start + span
-    return start + 2 * span - (count - 1) * span // current
-
-
-def hit_limits(
-    limits: list[Limit], *, extra_counters: tuple[tuple[str, int], ...] = ()
-) -> LimitResult:
-    """Count one hit against every limit (sliding windows) in ONE Redis round trip.
-
-    ``extra_counters`` (name, seconds) are counted in the same trip and reported in
-    ``counters`` (used for velocity).
-    """
-    now = clock()
-    try:
-        pipe = stores().redis.pipeline(transaction=False)
-        _queue_hits(pipe, limits, extra_counters, now, count=True)
-        replies = pipe.execute()
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("rate-limits", exc)
-        return _hit_local(limits, now, count=True)
-    return _read_hits(replies, limits, extra_counters, now, count=True)
-
-
-def _queue_hits(
-    pipe: Any,
-    limits: list[Limit],
-    counters: tuple[tuple[str, int], ...],
-    now: float,
-    *,
-    count: bool,
-) -> None:
-    """Add the commands that count (or read) the limits' windows and the counters to ``pipe``."""
-    for limit in limits:
-        number, _ = _window(limit, now)
-        key = _key("rl", limit.name, number)
-        if count:
-            pipe.incr(key)
-            pipe.expire(key, limit.seconds * 2)
-        else:
-            pipe.get(key)
-        pipe.get(_key("rl", limit.name, number - 1))
-    for name, seconds in counters:
-        key = _key("ct", name, int(now // seconds))
-        pipe.incr(key)
-        pipe.expire(key, seconds * 2)
-
-
-def _read_hits(
-    replies: list[Any],
-    limits: list[Limit],
-    counters: tuple[tuple[str, int], ...],
-    now: float,
-    *,
-    count: bool,
-) -> LimitResult:
-    """The decision from the replies to ``_queue_hits``'s commands."""
-    counts = []
-    step = 3 if count else 2
-    for i, _limit in enumerate(limits):
-        current = int(replies[i * step] or 0)
-        previous = int(replies[i * step + step - 1] or 0)
-        counts.append((current, previous))
-    result = _decide(limits, counts, now, pending=0 if count else 1)
-    base = len(limits) * step
-    for j, (name, _) in enumerate(counters):
-        result.counters[name] = int(replies[base + j * 2])
-    return result
-
-
-def _hit_local(limits: list[Limit], now: float, count: bool) -> LimitResult:
-    """The same decision from this app's in-process windows."""
-    local = stores().local_windows
-    counts = []
-    for limit in limits:
-        number, _ = _window(limit, now)
-        key = f"{limit.name}:{number}"
-        current = local.incr(key) if count else local.get(key)
-        counts.append((current, local.get(f"{limit.name}:{number - 1}")))
-    return _decide(limits, counts, now, pending=0 if count else 1)
-
-
-# --- attempts: exact sliding windows, counted before the work they guard ------------------------
-# Each limit keeps a log of the attempts it let through (a sorted set: ticket -> time). An attempt
-# is admitted only while every limit's log holds fewer than `count` attempts in the last
-# `seconds`, and the check and the record are one atomic step (MULTI/EXEC in Redis, a lock in
-# process), so simultaneous attempts cannot all squeeze past the same last free slot.
-
-
-def clock() -> float:
-    """Seconds since the epoch: the time the limits count in (tests set it)."""
-    return time.time()
-
-
-@dataclass(frozen=True)
-class Admission:
-    """One attempt: counted (``exceeded`` None), or refused for the limit that is full."""
-
-    ticket: str
-    exceeded: Limit | None = None
-    retry_after: int = 0  # whole seconds until one more attempt fits: exactly when it lifts
-
-
-def _admission(limits: list[Limit], logs: list[list[float]], now: float, ticket: str) -> Admission:
-    """The decision for an attempt at ``now`` given each limit's logged attempts (others')."""
-    exceeded, lifts_at = None, now
-    for limit, times in zip(limits, logs, strict=True):
-        recent = sorted(at for at in times if at > now - limit.seconds)
-        if len(recent) >= limit.count:
-            # One more fits once all but count - 1 of them are older than the window.
-            at = recent[len(recent) - limit.count] + limit.seconds
-            if exceeded is None or at > lifts_at:
-                exceeded, lifts_at = limit, at
-    return Admission(ticket, exceeded, math.ceil(lifts_at - now))
-
-
-def admit_attempt(limits: list[Limit]) -> Admission:
-    """Count an attempt against every limit unless one is full: atomically, in one round trip
-    (two when refused). Redis unreachable: the in-process log, under its lock."""
-    now = clock()
-    ticket = f"{now!r}:{uuid.uuid4().hex}"
-    try:
-        pipe = stores().redis.pipeline(transaction=True)
-        for limit in limits:
-            key = _key("log", limit.name)
-            # Twice the window: an attempt still in another request's window is never dropped.
-            pipe.zremrangebyscore(key, "-inf", now - 2 * limit.seconds)
-            pipe.zadd(key, {ticket: now})
-            pipe.zrange(key, 0, -1, withscores=True)
-            pipe.expire(key, 2 * limit.seconds)
-        replies = pipe.execute()
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("rate-limits", exc)
-        return stores().local_windows.admit(limits, now, ticket)
-    logs = [
-        [at for member, at in replies[index * 4 + 2] if member != ticket]
-        for index in range(len(limits))
-    ]
-    admission = _admission(limits, logs, now, ticket)
-    if admission.exceeded is not None:
-        withdraw_attempt(limits, ticket)
-    return admission
-
-
-def withdraw_attempt(limits: list[Limit], ticket: str) -> None:
-    """Take an attempt back out of every limit's log (a refused one, or one that succeeded)."""
-    try:
-        pipe = stores().redis.pipeline(transaction=False)
-        for limit in limits:
-            pipe.zrem(_key("log", limit.name), ticket)
-        pipe.execute()
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("rate-limits", exc)
-    stores().local_windows.withdraw(limits, ticket)
-
-
-def bump_counter(name: str) -> None:
-    """Count an event (kept 40 days); a Redis failure loses a count, nothing else."""
-    key = _key("count", name)
-    try:
-        pipe = stores().redis.pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.expire(key, COUNTER_TTL)
-        pipe.execute()
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("counters", exc)
-
-
-def read_counter(name: str) -> int:
-    """A counter's value, 0 when missing or when Redis is unreachable."""
-    try:
-        return int(stores().redis.get(_key("count", name)) or 0)
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("counters", exc)
-        return 0
-
-
-def cached_json(name: str, ttl: int, compute: Any) -> Any:
-    """A small JSON value through the cache: computed on a miss, kept ``ttl`` seconds."""
-    key = _key("cache", name)
-    try:
-        raw = stores().redis.get(key)
-        if raw is not None:
-            return json.loads(raw)
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("cache", exc)
-        return compute()
-    value = compute()
-    try:
-        stores().redis.set(key, _json_dumps(value), ex=ttl)
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("cache", exc)
-    return value
-
-
-def drop_cached(name: str) -> None:
-    """Forget a cached value."""
-    try:
-        stores().redis.delete(_key("cache", name))
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("cache", exc)
 
 
 def spam_count(conn: Connection, form_id: int) -> int:

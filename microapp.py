@@ -50,6 +50,7 @@ from werkzeug.formparser import FormDataParser
 from werkzeug.routing import BaseConverter
 from wtforms.validators import ValidationError as FormValidationError
 
+import cache
 import dal
 import forms
 import services
@@ -245,6 +246,7 @@ def create_app(**overrides: Any) -> Flask:
     )
     app.extensions["mailslot.settings"] = settings
     dal.init_app(app, settings)
+    cache.init_app(app, settings)
     tasks.celery_init_app(app, settings)
     csrf.init_app(app)
 

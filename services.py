@@ -30,6 +30,7 @@ from itsdangerous import BadData, BadSignature, SignatureExpired, URLSafeTimedSe
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from werkzeug.security import check_password_hash, generate_password_hash
 
+import cache
 import dal
 import forms
 import tasks
@@ -87,8 +88,8 @@ def _tell_existing_owner(email: str) -> int | None:
     """Queue the "someone tried to sign up with your address" email, unless one went out in
     the last hour; its delivery id."""
     account = hashlib.sha256(email.encode()).hexdigest()[:24]
-    limit = dal.Limit(f"account-exists:{account}", 1, ACCOUNT_EXISTS_EVERY)
-    if dal.hit_limits([limit]).exceeded is not None:
+    limit = cache.Limit(f"account-exists:{account}", 1, ACCOUNT_EXISTS_EVERY)
+    if cache.hit_limits([limit]).exceeded is not None:
         log.info("signup.address_taken", told_owner=False)
         return None
     with dal.transaction() as conn:
@@ -127,13 +128,13 @@ def log_in(email: str, password: str, client_ip: str | None = None) -> dal.Row |
     of the address it guesses from).
     """
     limits = _login_limits(email, client_ip)
-    attempt = dal.admit_attempt(limits) if limits else None
+    attempt = cache.admit_attempt(limits) if limits else None
     if attempt is not None and attempt.exceeded is not None:
         log.info("login.rate_limited", limit=attempt.exceeded.name)
         raise RateLimited(attempt.retry_after)
     user = _check_password(email, password)
     if user is not None and attempt is not None:
-        dal.withdraw_attempt(limits, attempt.ticket)
+        cache.withdraw_attempt(limits, attempt.ticket)
     return user
 
 
@@ -193,12 +194,12 @@ def send_confirmation(user_id: int) -> bool:
     RateLimited past CONFIRMATION_RESENDS_PER_HOUR for one account: the address may be
     someone else's, typed by whoever made the account.
     """
-    limit = dal.Limit(f"confirm-resend:{user_id}", CONFIRMATION_RESENDS_PER_HOUR, 3600)
+    limit = cache.Limit(f"confirm-resend:{user_id}", CONFIRMATION_RESENDS_PER_HOUR, 3600)
     with dal.connection() as conn:
         user = dal.user_by_id(conn, user_id)
     if user is None or user.email_confirmed_at is not None:
         return False
-    state = dal.hit_limits([limit])
+    state = cache.hit_limits([limit])
     if state.exceeded is not None:
         raise RateLimited(state.retry_after)
     with dal.transaction() as conn:
@@ -317,21 +318,21 @@ def create_form(owner_id: int, values: dict[str, Any]) -> dal.Row:
 
 def update_form_settings(form: dal.Row, values: dict[str, Any]) -> None:
     """Save a form's settings."""
-    with dal.form_write(form.public_id) as conn:
+    with cache.form_write(form.public_id) as conn:
         dal.update_form(conn, form.id, values)
     log.info("form.updated", form=form.public_id)
 
 
 def save_fields(form: dal.Row, specs: list[dict[str, Any]]) -> None:
     """Store a new field schema; its version goes up so old submissions keep their meaning."""
-    with dal.form_write(form.public_id) as conn:
+    with cache.form_write(form.public_id) as conn:
         dal.bump_schema_version(conn, form.id, specs)
     log.info("form.fields_saved", form=form.public_id, fields=len(specs))
 
 
 def delete_form(form: dal.Row) -> None:
     """Remove a form and everything stored for it."""
-    with dal.form_write(form.public_id) as conn:
+    with cache.form_write(form.public_id) as conn:
         dal.delete_form(conn, form.id)
     log.info("form.deleted", form=form.public_id)
 
@@ -373,7 +374,7 @@ def mark_spam(submission: dal.Row, is_spam: bool) -> None:
     with dal.transaction() as conn:
         dal.set_spam(conn, submission.id, is_spam, reason)
         released = [] if is_spam else dal.release_spam_deliveries(conn, submission.id)
-    _form_numbers_changed(submission.form_id)
+    cache.forget_form_numbers(submission.form_id)
     log.info("submission.marked", submission=submission.public_id, spam=is_spam)
     dispatch_deliveries([(delivery_id, 0) for delivery_id in released])  # never attempted
 
@@ -382,7 +383,7 @@ def delete_submission(submission: dal.Row) -> None:
     """Remove one submission."""
     with dal.transaction() as conn:
         dal.delete_submission(conn, submission.id)
-    _form_numbers_changed(submission.form_id)
+    cache.forget_form_numbers(submission.form_id)
     log.info("submission.deleted", submission=submission.public_id)
 
 
@@ -573,12 +574,12 @@ class IntakeResult:
     delivery_ids: list[int] = field(default_factory=list)
 
 
-def public_form(public_id: str) -> dal.CachedForm:
+def public_form(public_id: str) -> dal.PublicForm:
     """A form by public id for the public side, through the Redis cache."""
-    return _available(dal.public_form(public_id))
+    return _available(cache.public_form(public_id))
 
 
-def _available(form: dal.CachedForm | None) -> dal.CachedForm:
+def _available(form: dal.PublicForm | None) -> dal.PublicForm:
     """The form, or the 404 every public route gives for an unknown id."""
     if form is None:
         raise FormUnavailable(404, "There is no form at this address. Check the form's action URL.")
@@ -693,7 +694,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
     limits and the velocity counter in one pipeline) and twice on a miss (the cache fill).
     """
     ip_hash = hash_ip(req.client_ip)
-    form, limits = dal.intake_lookup(
+    form, limits = cache.intake_lookup(
         req.public_id,
         submission_limits(req.public_id, ip_hash),
         ((f"velocity:{ip_hash}", VELOCITY_WINDOW),) if ip_hash else (),
@@ -731,7 +732,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
         or f"{current_settings().base_url}/f/{form.public_id}/thanks"
     )
     if _control_value(values, form.honeypot_field):
-        dal.bump_counter(f"form:{form.id}:honeypot")
+        cache.bump_counter(f"form:{form.id}:honeypot")
         log.info("submission.honeypot", form=form.public_id)
         return IntakeResult(form, "honeypot", new_public_id(), redirect_to=redirect_to)
 
@@ -820,16 +821,16 @@ VELOCITY_WINDOW = 600
 _URL_PATTERN = re.compile(r"https?://|www\.", re.IGNORECASE)
 
 
-def submission_limits(public_id: str, ip_hash: str | None) -> list[dal.Limit]:
+def submission_limits(public_id: str, ip_hash: str | None) -> list[cache.Limit]:
     """Per client IP per form (a minute and an hour) and per form overall (an hour)."""
     conf = current_settings()
     if not conf.rate_limits_enabled:
         return []
-    limits = [dal.Limit(f"form:{public_id}", conf.submit_limit_per_form_hour, 3600)]
+    limits = [cache.Limit(f"form:{public_id}", conf.submit_limit_per_form_hour, 3600)]
     if ip_hash:
         limits += [
-            dal.Limit(f"ip:{ip_hash}:{public_id}:m", conf.submit_limit_per_ip_minute, 60),
-            dal.Limit(f"ip:{ip_hash}:{public_id}:h", conf.submit_limit_per_ip_hour, 3600),
+            cache.Limit(f"ip:{ip_hash}:{public_id}:m", conf.submit_limit_per_ip_minute, 60),
+            cache.Limit(f"ip:{ip_hash}:{public_id}:h", conf.submit_limit_per_ip_hour, 3600),
         ]
     return limits
 
@@ -842,16 +843,16 @@ class RateLimited(Exception):
         self.retry_after = retry_after
 
 
-def _login_limits(email: str, client_ip: str | None) -> list[dal.Limit]:
+def _login_limits(email: str, client_ip: str | None) -> list[cache.Limit]:
     """Failed logins per account and per client address."""
     conf = current_settings()
     if not conf.rate_limits_enabled:
         return []
     window, count = conf.login_failure_window, conf.login_failure_limit
     account = hashlib.sha256(normalise_email(email).encode()).hexdigest()[:24]
-    limits = [dal.Limit(f"login:acct:{account}", count, window)]
+    limits = [cache.Limit(f"login:acct:{account}", count, window)]
     if client_ip:
-        limits.append(dal.Limit(f"login:ip:{hash_ip(client_ip)}", count, window))
+        limits.append(cache.Limit(f"login:ip:{hash_ip(client_ip)}", count, window))
     return limits
 
 
@@ -860,8 +861,8 @@ def check_signup_rate(client_ip: str | None) -> None:
     conf = current_settings()
     if not conf.rate_limits_enabled or not client_ip:
         return
-    limit = dal.Limit(f"signup:{hash_ip(client_ip)}", conf.signup_limit_per_ip_hour, 3600)
-    result = dal.hit_limits([limit])
+    limit = cache.Limit(f"signup:{hash_ip(client_ip)}", conf.signup_limit_per_ip_hour, 3600)
+    result = cache.hit_limits([limit])
     if result.exceeded is not None:
         raise RateLimited(result.retry_after)
 
@@ -948,8 +949,8 @@ def inbox_numbers(form: Any) -> tuple[dict[str, int], list[dal.DayCount]]:
     stats = {
         "today": per_day[-1].count,
         "week": sum(day.count for day in per_day[-7:]),
-        "spam": dal.cached_json(f"stats:{form.id}", dal.STATS_TTL, spam),
-        "honeypot": dal.read_counter(f"form:{form.id}:honeypot"),
+        "spam": cache.cached_json(cache.spam_count_name(form.id), cache.STATS_TTL, spam),
+        "honeypot": cache.read_counter(f"form:{form.id}:honeypot"),
     }
     return stats, per_day
 
@@ -1006,7 +1007,7 @@ def set_webhook(form: dal.Row, url: str | None) -> str | None:
     removed, they are cancelled (dead, with WEBHOOK_REMOVED as their error, and replayable).
     """
     values = _webhook_values(form, url)
-    with dal.form_write(form.public_id) as conn:
+    with cache.form_write(form.public_id) as conn:
         dal.update_form(conn, form.id, values)
         _follow_webhook_change(conn, form, values["webhook_url"])
     log.info("form.webhook_set", form=form.public_id, enabled=bool(url))
@@ -1034,7 +1035,7 @@ def _follow_webhook_change(conn: Any, form: dal.Row, url: str | None) -> None:
 def rotate_webhook_secret(form: dal.Row) -> str:
     """Replace the signing secret and return it; the receiver must be given the new one."""
     secret = new_webhook_secret()
-    with dal.form_write(form.public_id) as conn:
+    with cache.form_write(form.public_id) as conn:
         dal.update_form(conn, form.id, {"webhook_secret": secret})
     log.info("form.webhook_secret_rotated", form=form.public_id)
     return secret
@@ -1323,21 +1324,10 @@ def submissions_per_day(form: dal.Row) -> list[dal.DayCount]:
             counts = dal.daily_counts(conn, form.id, CHART_DAYS)
         return [(item.day.isoformat(), item.count) for item in counts[:-1]]
 
-    past = dal.cached_json(_chart_key(form.id, today), dal.STATS_TTL, past_days)
+    past = cache.cached_json(cache.chart_name(form.id, today), cache.STATS_TTL, past_days)
     with dal.connection() as conn:
         live = dal.daily_counts(conn, form.id, 1)
     return [dal.DayCount(dt.date.fromisoformat(day), count) for day, count in past] + live
-
-
-def _chart_key(form_id: int, today: dt.date) -> str:
-    """The cache key of a form's chart before ``today`` (a new key each UTC day)."""
-    return f"chart:{form_id}:{today.isoformat()}"
-
-
-def _form_numbers_changed(form_id: int) -> None:
-    """Forget a form's cached spam count and chart days (the owner's change must show at once)."""
-    dal.drop_cached(f"stats:{form_id}")
-    dal.drop_cached(_chart_key(form_id, dal.utcnow().date()))
 
 
 # =================================================================================================
@@ -1413,7 +1403,7 @@ def api_token_owner(token: str) -> dal.Row | None:
 def api_rate_limit(token_id: int) -> int | None:
     """Count one call for this token; seconds to wait when it is over API_RATE_LIMIT, else None."""
     count, seconds = current_settings().api_rate_limit_window
-    result = dal.hit_limits([dal.Limit(f"api:{token_id}", count, seconds)])
+    result = cache.hit_limits([cache.Limit(f"api:{token_id}", count, seconds)])
     return result.retry_after if result.exceeded is not None else None
 
 
@@ -1507,7 +1497,7 @@ def update_form_via_api(
         clean |= _webhook_values(form, webhook_url)
     if rotate_secret:
         clean["webhook_secret"] = new_webhook_secret()
-    with dal.form_write(form.public_id) as conn:
+    with cache.form_write(form.public_id) as conn:
         if clean:
             dal.update_form(conn, form.id, clean)
         if fields is not None and fields != form.fields:
@@ -1598,7 +1588,7 @@ def purge_expired(now: dt.datetime | None = None) -> int:
             total += deleted
             if deleted < PURGE_BATCH:
                 break
-        _form_numbers_changed(form.id)
+        cache.forget_form_numbers(form.id)
     if total:
         log.info("retention.purged", submissions=total)
     return total
@@ -1633,7 +1623,7 @@ def erase_person(owner_id: int, email: str) -> int:
     with dal.transaction() as conn:
         deleted = dal.delete_submissions(conn, ids)
     for form in list_forms(owner_id) if deleted else []:
-        _form_numbers_changed(form.id)
+        cache.forget_form_numbers(form.id)
     log.info("erasure.done", owner=owner_id, submissions=deleted)
     return deleted
 
@@ -1670,10 +1660,10 @@ def readiness() -> dict[str, Any]:
     except SQLAlchemyError as exc:
         log.warning("readyz.database_unreachable", error=type(exc).__name__)
         report["database"] = "unreachable"
-    report["redis"] = "ok" if dal.redis_reachable() else "unreachable"
+    report["redis"] = "ok" if cache.redis_reachable() else "unreachable"
     report["warnings"] = []
     if not current_settings().embedded:
-        report["broker"] = "ok" if dal.redis_reachable(broker=True) else "unreachable"
+        report["broker"] = "ok" if cache.redis_reachable(broker=True) else "unreachable"
         report["warnings"] = broker_warnings() if report["broker"] == "ok" else []
     if report["database"] != "ok":
         report["status"] = "down"
@@ -1693,7 +1683,7 @@ def broker_warnings() -> list[str]:
     expire (the cache's and limits'), and ``noeviction`` refuses writes, which the web process
     notices (the outbox rows then wait for the sweeper).
     """
-    policy = dal.broker_eviction_policy()
+    policy = cache.broker_eviction_policy()
     if policy is None or policy == "noeviction" or policy.startswith("volatile-"):
         return []
     return [

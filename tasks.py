@@ -39,6 +39,7 @@ from celery import Celery, Task, shared_task
 from celery.signals import setup_logging, task_postrun, task_prerun
 from flask import Flask, current_app, render_template
 
+import cache
 import dal
 import services
 from settings import current_settings
@@ -594,7 +595,7 @@ def _record_failure(
                 conn, context.delivery_id, "pending", error=error, next_attempt_at=when
             )
     if gone:
-        with dal.form_write(context.form_public_id) as conn:
+        with cache.form_write(context.form_public_id) as conn:
             dal.disable_webhook(conn, context.form_id)
             dal.cancel_webhook_deliveries(conn, context.form_id, f"cancelled: {WEBHOOK_GONE}")
     if delay is None:

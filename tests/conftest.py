@@ -106,10 +106,10 @@ def _wipe_postgres(app: Flask) -> None:
 
 def _wipe_redis_prefix(app: Flask) -> None:
     """Delete the keys this test wrote, by its own prefix."""
-    import dal
+    import cache
 
     with app.app_context():
-        stores = dal.stores()
+        stores = cache.stores()
         keys = list(stores.redis.scan_iter(f"{stores.key_prefix}*"))
         if keys:
             stores.redis.delete(*keys)
@@ -175,7 +175,7 @@ def app(overrides: dict[str, Any], backend: str, request: pytest.FixtureRequest)
     with app.app_context():
         import dal
 
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 @pytest.fixture

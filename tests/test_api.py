@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 import api
+import cache
 import dal
 import forms
 import services
@@ -328,7 +329,7 @@ def test_token_over_its_rate_limit_gets_429_with_retry_after(
     app: Flask, client: FlaskClient, owner: Owner, other: Owner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app.extensions["mailslot.settings"].api_rate_limit = "3/minute"
-    monkeypatch.setattr(dal, "clock", lambda: 1_700_000_040.0)  # the start of a minute
+    monkeypatch.setattr(cache, "clock", lambda: 1_700_000_040.0)  # the start of a minute
     for _ in range(3):
         assert call(client, owner, "GET", "/api/v1/me").status_code == 200
     response = call(client, owner, "GET", "/api/v1/me")
@@ -349,7 +350,7 @@ def test_rate_limit_falls_back_to_the_in_process_limiter_when_redis_is_down(
         raise redis.ConnectionError("down")
 
     with app.app_context():
-        monkeypatch.setattr(dal.stores().redis, "pipeline", broken)
+        monkeypatch.setattr(cache.stores().redis, "pipeline", broken)
     assert call(client, owner, "GET", "/api/v1/me").status_code == 200
     assert call(client, owner, "GET", "/api/v1/me").status_code == 429
 

@@ -151,7 +151,7 @@ def live(tmp_path: Path) -> Iterator[LiveApp]:
     thread.join(timeout=5)
     tasks.hand_over(app, timeout=60)  # nothing of this test delivers after it ended
     with app.app_context():
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 class StaticSite:

@@ -10,6 +10,7 @@ from flask import Flask
 from sqlalchemy.exc import IntegrityError
 
 import dal
+import settings
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -69,8 +70,8 @@ def test_sqlite_connections_get_durable_pragmas(app: Flask) -> None:
 
 
 def test_describe_url_hides_passwords() -> None:
-    assert dal.describe_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
-    assert dal.describe_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    assert settings.describe_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert settings.describe_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
@@ -80,7 +81,7 @@ def test_sqlite_writers_in_one_process_take_turns_on_a_lock(app: Flask) -> None:
     import threading
 
     with app.app_context():
-        lock = dal.stores().write_lock
+        lock = dal.database().write_lock
         assert lock is not None
         outside: list[bool] = []
         with dal.transaction():
@@ -95,7 +96,7 @@ def test_sqlite_writers_in_one_process_take_turns_on_a_lock(app: Flask) -> None:
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_postgresql_writers_are_not_serialized_in_the_process(app: Flask) -> None:
     with app.app_context():
-        assert dal.stores().write_lock is None
+        assert dal.database().write_lock is None
 
 
 def test_insert_deliveries_returns_ids_in_the_order_given(app: Flask) -> None:

@@ -359,7 +359,7 @@ def test_a_forked_child_starts_its_own_delivery_threads(
         code = 1
         try:
             with app.app_context():
-                dal.stores().engine.dispose(close=False)
+                dal.database().engine.dispose(close=False)
                 idle_at_start = tasks.wait_for_idle(app, timeout=0)
                 tasks.enqueue(tasks.deliver, fresh, 0)
                 code = 0 if idle_at_start and tasks.wait_for_idle(app, timeout=60) else 2

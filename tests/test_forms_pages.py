@@ -152,7 +152,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     AuthActions(client, app).signup()
     yield Shared(app, client)
     with app.app_context():
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 def form_count(app: Flask) -> int:

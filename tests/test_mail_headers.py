@@ -167,7 +167,7 @@ def test_an_injected_reply_to_over_real_smtp_reaches_only_the_owner(
     assert notify(app, form, values) == "done"
     [(mail_from, recipients, message)] = smtp_sink.messages
     with app.app_context():
-        owner = dal.owner_of_form(dal.stores().engine.connect(), form.id)
+        owner = dal.owner_of_form(dal.database().engine.connect(), form.id)
     assert mail_from == "noreply@mailslot.test"
     assert recipients == [owner.email]
     assert sorted(name.lower() for name in message) == NOTIFICATION_HEADERS

@@ -16,6 +16,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from markupsafe import escape
 
+import cache
 import dal
 import microapp
 import services
@@ -113,7 +114,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
     AuthActions(client, app).signup()
     yield FormMaker(client, app)
     with app.app_context():
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 def stored(app: Flask, public_id: str) -> list[dal.Row]:
@@ -137,7 +138,7 @@ def honeypot_count(app: Flask, public_id: str) -> int:
     with app.app_context(), dal.connection() as conn:
         form = dal.form_by_public_id(conn, public_id)
         assert form is not None
-        return dal.read_counter(f"form:{form.id}:honeypot")
+        return cache.read_counter(f"form:{form.id}:honeypot")
 
 
 def thanks_url(public_id: str) -> str:

@@ -26,6 +26,7 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import cache
 import dal
 import microapp
 import services
@@ -69,7 +70,7 @@ class Site:
                 .select_from(dal.submissions)
                 .where(dal.submissions.c.form_id == form_id)
             ).scalar_one()
-            return rows, dal.read_counter(f"form:{form_id}:honeypot")
+            return rows, cache.read_counter(f"form:{form_id}:honeypot")
 
     def newest(self, public_id: str) -> dal.Row:
         """The form's newest submission."""
@@ -126,7 +127,7 @@ def site(
     if request.param == "postgresql":
         _wipe_postgres(app)
     with app.app_context():
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 # =================================================================================================

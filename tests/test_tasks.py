@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-import dal
+import cache
 import microapp
 import tasks
 from conftest import PASSWORD, SMTPSink, message_text, read_outbox, settle_deliveries
@@ -145,13 +145,13 @@ def broker_app(overrides: dict[str, Any], redis_url: str) -> Iterator[Flask]:
     app = microapp.create_app(**overrides, redis_url=redis_url, celery_queue=queue)
     yield app
     with app.app_context():
-        dal.stores().redis.delete(queue)
+        cache.stores().redis.delete(queue)
 
 
 def queued(app: Flask) -> list[tuple[str, list[Any]]]:
     """(task name, positional arguments) of each message on the app's queue, oldest first."""
     with app.app_context():
-        raw = dal.stores().redis.lrange(app.extensions["mailslot.settings"].celery_queue, 0, -1)
+        raw = cache.stores().redis.lrange(app.extensions["mailslot.settings"].celery_queue, 0, -1)
     messages = [json.loads(item) for item in reversed(raw)]
     return [(m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages]
 

@@ -15,6 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from test_forms_pages import create_form
 
+import cache
 import dal
 import microapp
 import settings as settings_module
@@ -33,7 +34,7 @@ def app(overrides: dict[str, Any]) -> Iterator[Flask]:
     app.config["TESTING"] = True
     yield app
     with app.app_context():
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 @pytest.fixture
@@ -245,7 +246,7 @@ def test_a_hanging_resolver_on_save_answers_a_clear_message(
 def test_send_test_event_with_a_hanging_resolver_says_so(
     app: Flask, client: FlaskClient, owner: str, hanging_dns: str
 ) -> None:
-    with app.app_context(), dal.form_write(owner) as conn:  # saved before the resolver broke
+    with app.app_context(), cache.form_write(owner) as conn:  # saved before the resolver broke
         dal.update_form(
             conn,
             form_row(app, owner).id,
