@@ -14,9 +14,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import cache, partial
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import structlog
@@ -25,36 +24,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine, Row
 
 if TYPE_CHECKING:
-    from alembic.config import Config as AlembicConfig
-    from alembic.script import ScriptDirectory
-
     from settings import Settings
 
 __all__ = ["Row"]
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-
-
-def _newest_revision() -> str:
-    """The head of the migrations, from the file names alone (no Alembic import at start-up):
-    they are ``<revision>_<slug>.py``, numbered 0001 upwards (test_migrations holds them to it)."""
-    versions = (MIGRATIONS_DIR / "versions").glob("[0-9][0-9][0-9][0-9]_*.py")
-    return max(path.name[:4] for path in versions)
-
-
-# A database at this revision needs nothing.
-SCHEMA_REVISION = _newest_revision()
-# Release 1 had no Alembic: it stamped mailslot_meta's schema_version "1" and refuses any other
-# value. Its databases are stamped at RELEASE_1_REVISION and their stamp becomes "2".
-RELEASE_1_STAMP = "1"
-ALEMBIC_STAMP = "2"
-RELEASE_1_REVISION = "0001"
-RELEASE_1_TABLES = frozenset(
-    {"mailslot_meta", "users", "forms", "submissions", "deliveries", "api_tokens"}
-)
-# The upgrade's PostgreSQL advisory lock: a constant of ours ("mailslot" in ASCII).
-MIGRATION_LOCK_KEY = 0x6D61696C736C6F74
-SQLITE_LOCK_WAIT_MS = 10 * 60 * 1000
 log = structlog.get_logger("mailslot.dal")
 
 # =================================================================================================
@@ -291,136 +264,40 @@ def connection() -> Iterator[Connection]:
 
 
 # =================================================================================================
-# Schema set-up and health
+# What the schema is: the statements migrate.py needs
 # =================================================================================================
 
-
-class SchemaMismatch(RuntimeError):
-    """The database cannot be brought to this code's schema; the message says why."""
-
-
-SchemaKind = Literal["empty", "release-1", "current", "behind", "newer", "unrecognised"]
-
-
-@dataclass(frozen=True)
-class SchemaState:
-    """What a database holds, as the upgrade command and /readyz see it."""
-
-    kind: SchemaKind
-    revision: str | None = None  # its Alembic revision, when it has one
-    detail: str = ""  # for a person: what is wrong and what to do
+ALEMBIC_VERSION_TABLE = _alembic_version.name
+META_TABLE = meta.name
+# The upgrade's PostgreSQL advisory lock: a constant of ours ("mailslot" in ASCII).
+MIGRATION_LOCK_KEY = 0x6D61696C736C6F74
+SQLITE_LOCK_WAIT_MS = 10 * 60 * 1000
 
 
-def schema_state(conn: Connection) -> SchemaState:
-    """Tell an empty database, release 1's, one at the head, behind or ahead of this code."""
-    names = set(sa.inspect(conn).get_table_names())
-    revisions = (
-        conn.execute(sa.select(_alembic_version.c.version_num)).scalars().all()
-        if _alembic_version.name in names
-        else []
-    )
-    if revisions == [SCHEMA_REVISION]:
-        return SchemaState("current", SCHEMA_REVISION)
-    if len(revisions) == 1:
-        revision = revisions[0]
-        if revision in _known_revisions():
-            return SchemaState(
-                "behind",
-                revision,
-                f"The database is at revision {revision}; this Mailslot needs {SCHEMA_REVISION}.",
-            )
-        return SchemaState(
-            "newer",
-            revision,
-            f"The database is at revision {revision}, which is newer than this Mailslot (its "
-            f"newest is {SCHEMA_REVISION}): a later release upgraded it. Run that release or a "
-            "newer one, or restore the backup taken before that upgrade.",
-        )
-    if revisions:
-        return SchemaState(
-            "unrecognised",
-            None,
-            f"The database is at several revisions at once ({', '.join(revisions)}), but this "
-            "Mailslot's migrations form one line. Restore a backup, or use an empty database.",
-        )
-    ours = names & RELEASE_1_TABLES
-    if not ours:
-        return SchemaState("empty")
-    stamp = (
-        conn.execute(
-            sa.select(meta.c.value).where(meta.c.key == "schema_version")
-        ).scalar_one_or_none()
-        if meta.name in names
-        else None
-    )
-    missing = ", ".join(sorted(RELEASE_1_TABLES - names))
-    if stamp == RELEASE_1_STAMP and not missing:
-        return SchemaState("release-1", None, "The database was made by release 1.")
-    problem = (
-        f"is stamped with Mailslot schema version {stamp}" if stamp else "has no version stamp"
-    )
-    return SchemaState(
-        "unrecognised",
-        None,
-        f"The database holds Mailslot tables ({', '.join(sorted(ours))}) but {problem}"
-        + (f" and lacks {missing}" if missing else "")
-        + ", so this Mailslot cannot tell what it is. Restore a backup, or use an empty database.",
-    )
+class BrokenReferences(RuntimeError):
+    """An upgrade would leave rows whose foreign keys point nowhere; nothing was changed."""
 
 
-def upgrade_db(url: str | None = None) -> list[str]:
-    """Bring the database (the app's, or ``url``) to the newest revision; what changed, if any.
-
-    An empty database gets every migration; one made by release 1 is stamped at 0001 without a
-    row changing, then upgraded; one at an older revision is upgraded. Idempotent, and one process
-    at a time: the others wait for the lock, then find nothing to do (an empty list). A database
-    this code cannot read (newer, or unrecognised) raises SchemaMismatch and is left untouched.
-    """
-    with migration_connection(url or _app_database_url()) as conn:
-        state = schema_state(conn)
-        if state.kind in ("newer", "unrecognised"):
-            raise SchemaMismatch(state.detail)
-        if state.kind == "current":
-            return []
-        from alembic import command
-
-        config = alembic_config(conn)
-        done: list[str] = []
-        start = state.revision
-        if state.kind == "release-1":
-            command.stamp(config, RELEASE_1_REVISION)
-            conn.execute(
-                sa.update(meta).where(meta.c.key == "schema_version").values(value=ALEMBIC_STAMP)
-            )
-            start = RELEASE_1_REVISION
-            done.append(
-                f"Brought a database from release 1 under Alembic at revision {start}; "
-                "no row was changed."
-            )
-        command.upgrade(config, "head")
-        steps = _revisions_after(start)
-        if start is None:
-            done.append(f"Created the database at revision {SCHEMA_REVISION} (head).")
-        elif steps:
-            done.append(f"Upgraded {' → '.join([start, *steps])} (head).")
-    for line in done:
-        log.info("database.upgraded", done=line)
-    return done
+def table_names(conn: Connection) -> set[str]:
+    """The names of the tables the database holds."""
+    return set(sa.inspect(conn).get_table_names())
 
 
-def create_embedded_db() -> list[str]:
-    """On start with SQLite, a missing database is created by the migrations; what was done.
+def alembic_revisions(conn: Connection) -> list[str]:
+    """The revisions Alembic stamped the database with (it has the table)."""
+    return list(conn.execute(sa.select(_alembic_version.c.version_num)).scalars())
 
-    Only an empty database: upgrading one that holds data is the upgrade command's job, which
-    `just run` and the release phase run first. A database that needs it is logged here.
-    """
-    with connection() as conn:
-        state = schema_state(conn)
-    if state.kind == "empty":
-        return upgrade_db()
-    if state.kind != "current":
-        log.warning("database.not_current", state=state.kind, detail=state.detail)
-    return []
+
+def schema_stamp(conn: Connection) -> str | None:
+    """Release 1's schema version stamp, when the database has one (it has the table)."""
+    return conn.execute(
+        sa.select(meta.c.value).where(meta.c.key == "schema_version")
+    ).scalar_one_or_none()
+
+
+def set_schema_stamp(conn: Connection, value: str) -> None:
+    """Change release 1's schema version stamp (release 1 refuses any value but its own)."""
+    conn.execute(sa.update(meta).where(meta.c.key == "schema_version").values(value=value))
 
 
 @contextmanager
@@ -443,22 +320,12 @@ def migration_connection(url: str) -> Iterator[Connection]:
                 broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
                 if broken:
                     tables = ", ".join(sorted({row[0] for row in broken}))
-                    raise SchemaMismatch(
+                    raise BrokenReferences(
                         f"The upgrade would leave rows in {tables} whose foreign keys point "
                         "nowhere; nothing was changed."
                     )
     finally:
         engine.dispose()
-
-
-def alembic_config(connection: Connection | None = None) -> AlembicConfig:
-    """Alembic's configuration, in code (no alembic.ini): our migrations, on this connection."""
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
-    config.attributes["connection"] = connection
-    return config
 
 
 def _migration_engine(url: str) -> Engine:
@@ -491,28 +358,9 @@ def _begin_exclusive(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN EXCLUSIVE")
 
 
-def _app_database_url() -> str:
-    """The current app's database URL, password included."""
+def database_url() -> str:
+    """The current app's database URL, password included (for the migration connection)."""
     return database().engine.url.render_as_string(hide_password=False)
-
-
-@cache
-def _script_directory() -> ScriptDirectory:
-    """The migration scripts (read once per process)."""
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(alembic_config())
-
-
-def _known_revisions() -> set[str]:
-    """Every revision this code's migrations know."""
-    return {script.revision for script in _script_directory().walk_revisions()}
-
-
-def _revisions_after(start: str | None) -> list[str]:
-    """The revisions from just after ``start`` up to the head, oldest first."""
-    scripts = _script_directory().iterate_revisions("head", start or "base")
-    return [script.revision for script in reversed(list(scripts))]
 
 
 # =================================================================================================

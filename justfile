@@ -27,7 +27,7 @@ migration message: sync
     trap 'rm -rf "$scratch"' EXIT
     export DATABASE_URL="sqlite:///$scratch/head.db" INSTANCE_PATH="$scratch/instance" REDIS_URL=""
     uv run --locked flask --app microapp upgrade-db >/dev/null
-    next="$(uv run --locked python -c 'import dal; print(f"{int(dal.SCHEMA_REVISION) + 1:04d}")')"
+    next="$(uv run --locked python -c 'import migrate; print(f"{int(migrate.SCHEMA_REVISION) + 1:04d}")')"
     uv run --locked alembic revision --autogenerate --rev-id "$next" -m {{quote(message)}}
     echo "Now edit it (names for new constraints, data to move, the downgrade), then: just test"
 

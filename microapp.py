@@ -53,6 +53,7 @@ from wtforms.validators import ValidationError as FormValidationError
 import cache
 import dal
 import forms
+import migrate
 import services
 import tasks
 from api import api, openapi_document, reference_context
@@ -268,7 +269,7 @@ def create_app(**overrides: Any) -> Flask:
         # A local file, not a network call: a missing database is created by the migrations on
         # first start. One that holds data is upgraded by upgrade-db only (`just run` runs it).
         with app.app_context():
-            app.extensions["mailslot.created_db"] = dal.create_embedded_db()
+            app.extensions["mailslot.created_db"] = migrate.create_embedded_db()
     log.info(
         "mailslot.start",
         mode=settings.mode,
@@ -1203,14 +1204,14 @@ def _register_cli(app: Flask) -> None:
         # On SQLite create_app creates a missing database: that was done by this command too.
         done = app.extensions.pop("mailslot.created_db", [])
         try:
-            done += dal.upgrade_db()
-        except dal.SchemaMismatch as exc:
+            done += migrate.upgrade_db()
+        except migrate.SchemaMismatch as exc:
             raise click.ClickException(str(exc)) from None
         except OperationalError as exc:
             raise click.ClickException(
                 f"The database is unreachable or locked: {exc.orig}"
             ) from None
-        for line in done or [f"Already at {dal.SCHEMA_REVISION} (head); nothing to do."]:
+        for line in done or [f"Already at {migrate.SCHEMA_REVISION} (head); nothing to do."]:
             click.echo(line)
 
     # The release-1 name: Procfiles, unit files and scripts that call it keep working.

@@ -33,6 +33,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 import cache
 import dal
 import forms
+import migrate
 import tasks
 from settings import current_settings
 
@@ -1633,17 +1634,6 @@ def erase_person(owner_id: int, email: str) -> int:
 # =================================================================================================
 
 
-_UPGRADE = "run flask --app microapp upgrade-db"
-_SCHEMA_READINESS = {
-    "current": "ok",
-    "empty": f"not initialised: {_UPGRADE}",
-    "release-1": f"made by release 1: {_UPGRADE}",
-    "behind": f"at revision {{revision}}, this code needs {{head}}: {_UPGRADE}",
-    "newer": "at revision {revision}, newer than this code ({head}): run the matching release",
-    "unrecognised": "not a database this code recognises: see flask --app microapp upgrade-db",
-}
-
-
 def readiness() -> dict[str, Any]:
     """Reachability of the database and Redis; degraded (still accepting) without Redis.
 
@@ -1653,10 +1643,8 @@ def readiness() -> dict[str, Any]:
     report: dict[str, Any] = {"mode": current_settings().mode}
     try:
         with dal.connection() as conn:
-            state = dal.schema_state(conn)
-        report["database"] = _SCHEMA_READINESS[state.kind].format(
-            revision=state.revision, head=dal.SCHEMA_REVISION
-        )
+            state = migrate.schema_state(conn)
+        report["database"] = migrate.readiness_text(state)
     except SQLAlchemyError as exc:
         log.warning("readyz.database_unreachable", error=type(exc).__name__)
         report["database"] = "unreachable"

@@ -44,6 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import migrate
+
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the project's .venv/bin under `uv run`
 RESULTS_DIR = PROJECT / "bench-results"
@@ -496,12 +498,11 @@ class Bench:
         os.environ.update(self.app_env())  # the in-process app and every child read the same
         self.env = dict(os.environ)
         sys.path.insert(0, str(PROJECT))
-        import dal
         import microapp
 
         self.app = microapp.create_app()
         with self.app.app_context():
-            dal.upgrade_db()  # SQLite is set up by create_app; PostgreSQL here
+            migrate.upgrade_db()  # SQLite is set up by create_app; PostgreSQL here
         self.settings = self.app.extensions["mailslot.settings"]
 
         flask = str(BIN / "flask")

@@ -30,6 +30,7 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
 import microapp
+import migrate
 import tasks
 
 REQUIRE_SERVICES = os.environ.get("MAILSLOT_REQUIRE_SERVICES") == "1"
@@ -123,10 +124,9 @@ def _wipe_redis_prefix(app: Flask) -> None:
 @pytest.fixture(scope="session")
 def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SQLite database brought to the newest revision by the migrations, once per run."""
-    import dal
 
     path = tmp_path_factory.mktemp("migrated") / "mailslot.db"
-    dal.upgrade_db(f"sqlite:///{path}")
+    migrate.upgrade_db(f"sqlite:///{path}")
     return path
 
 
@@ -164,7 +164,7 @@ def app(overrides: dict[str, Any], backend: str, request: pytest.FixtureRequest)
         with app.app_context():
             import dal
 
-            dal.upgrade_db()
+            migrate.upgrade_db()
     yield app
     # Nothing of this test may still be delivering while the next one runs.
     tasks.hand_over(app, timeout=120)
