@@ -722,7 +722,7 @@ def decode_cursor(cursor: str) -> int:
     return min(int.from_bytes(base64.urlsafe_b64decode(cursor)) ^ _CURSOR_MASK, _LAST_POSITION)
 
 
-def _api_form(form_id: str) -> dal.Row:
+def _api_form(form_id: str) -> dal.Form:
     """The token owner's form, or 404 (also for someone else's)."""
     try:
         if _PUBLIC_ID.fullmatch(form_id):
@@ -732,7 +732,7 @@ def _api_form(form_id: str) -> dal.Row:
     raise ApiError(404, "not_found", "You have no form with this id.")
 
 
-def _api_submission(submission_id: str) -> dal.Row:
+def _api_submission(submission_id: str) -> dal.SubmissionWithForm:
     """A submission of one of the token owner's forms, or 404."""
     try:
         if _PUBLIC_ID.fullmatch(submission_id):

@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 import structlog
 from flask import Flask, current_app
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
 
 if TYPE_CHECKING:
     from settings import Settings
-
-__all__ = ["Row"]
 
 log = structlog.get_logger("mailslot.dal")
 
@@ -184,6 +183,284 @@ api_tokens = sa.Table(
 _alembic_version = sa.table("alembic_version", sa.column("version_num", sa.String))
 
 # =================================================================================================
+# Records: what rows leave this module as
+# =================================================================================================
+# Small frozen records, never SQLAlchemy rows. Those that mirror a table list its columns in the
+# table's order (test_dal holds them to it), so a row of ``select(table)`` builds one by position:
+# the cheapest way, which exports of many rows rely on. Joined shapes add their columns after.
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """An owner's account."""
+
+    id: int
+    email: str
+    password_hash: str
+    email_confirmed_at: dt.datetime | None
+    session_version: int
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Form:
+    """A form with all its settings (the webhook secret included: owners' side only)."""
+
+    id: int
+    public_id: str
+    owner_id: int
+    name: str
+    fields: list[dict[str, Any]]
+    schema_version: int
+    strict: bool
+    redirect_url: str | None
+    allowed_domains: list[str]
+    honeypot_field: str
+    webhook_url: str | None
+    webhook_secret: str | None
+    notify: bool
+    retention_days: int | None
+    description: str
+    thanks_message: str
+    show_branding: bool
+    spam_rules: dict[str, list[str]]
+    status: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FormWithCounts(Form):
+    """A form on the owner's list: its non-spam submissions and when the newest came."""
+
+    submission_count: int
+    newest_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PublicForm:
+    """What the submission path and the hosted page know of a form (cached in Redis): never
+    its webhook secret."""
+
+    id: int
+    public_id: str
+    owner_id: int
+    name: str
+    fields: list[dict[str, Any]]
+    schema_version: int
+    strict: bool
+    redirect_url: str | None
+    allowed_domains: list[str]
+    honeypot_field: str
+    webhook_url: str | None
+    notify: bool
+    status: str
+    spam_rules: dict[str, list[str]]
+    description: str
+    thanks_message: str
+    show_branding: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One stored submission."""
+
+    id: int
+    public_id: str
+    form_id: int
+    data: dict[str, Any]
+    schema_version: int
+    is_spam: bool
+    spam_reason: str | None
+    ip_hash: str | None
+    user_agent: str | None
+    referrer: str | None
+    meta: dict[str, Any]
+    search_text: str
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionWithForm(Submission):
+    """A submission found by its own id, with its form's public id."""
+
+    form_public_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedSubmission:
+    """What an export writes of one submission."""
+
+    id: int
+    public_id: str
+    data: dict[str, Any]
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionValues:
+    """A submission's values and control values (what erasure searches)."""
+
+    id: int
+    data: dict[str, Any]
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One outbox row: a notification, a webhook call or an account email."""
+
+    id: int
+    submission_id: int | None
+    kind: str
+    target: str
+    status: str
+    attempts: int
+    next_attempt_at: dt.datetime
+    last_error: str | None
+    updated_at: dt.datetime
+    user_id: int | None
+    template: str | None
+    params: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadDelivery(Delivery):
+    """A delivery that ran out of attempts, with its submission's public id."""
+
+    submission_public_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionDelivery:
+    """What sending a submission's notification or webhook needs: the delivery, the submission,
+    its form and the form's owner."""
+
+    delivery_id: int
+    kind: str
+    target: str
+    attempts: int
+    submission_id: int
+    submission_public_id: str
+    data: dict[str, Any]
+    meta: dict[str, Any]
+    created_at: dt.datetime
+    is_spam: bool
+    form_id: int
+    form_public_id: str
+    form_name: str
+    webhook_url: str | None
+    webhook_secret: str | None
+    owner_email: str
+    owner_confirmed_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountDelivery:
+    """What sending an account email needs: the delivery and the account."""
+
+    delivery_id: int
+    kind: str
+    target: str
+    attempts: int
+    template: str
+    params: dict[str, Any] | None
+    user_id: int
+    user_email: str
+    user_confirmed_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """An API token as stored: its hash and visible prefix, never the token."""
+
+    id: int
+    user_id: int
+    name: str
+    prefix: str
+    token_hash: str
+    created_at: dt.datetime
+    last_used_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTokenWithOwner(ApiToken):
+    """A token a request presented, with its owner's address and account age."""
+
+    email: str
+    email_confirmed_at: dt.datetime | None
+    user_created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class DayCount:
+    """Submissions received on one UTC day."""
+
+    day: dt.date
+    count: int
+
+
+R = TypeVar("R")
+
+
+def _record(cls: Callable[..., R], row: Any) -> R | None:
+    """A record from one row by position (None for no row)."""
+    return None if row is None else cls(*row)
+
+
+def _records(cls: Callable[..., R], rows: Iterable[Any]) -> list[R]:
+    """Records from rows by position."""
+    return [cls(*row) for row in rows]
+
+
+# =================================================================================================
+# Errors: SQLAlchemy's become Mailslot's own
+# =================================================================================================
+
+
+class DatabaseError(Exception):
+    """A statement failed in the database; the message is the driver's (never a password)."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached, or is locked or failing: nothing was saved."""
+
+
+class IntegrityViolation(DatabaseError):
+    """A write broke one of the schema's rules (a constraint, a foreign key)."""
+
+
+class Duplicate(IntegrityViolation):
+    """A write would repeat a value that must be unique (an account's email)."""
+
+
+class BrokenReferences(IntegrityViolation):
+    """An upgrade would leave rows whose foreign keys point nowhere; nothing was changed."""
+
+
+_UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE; SQLite says "UNIQUE constraint failed"
+
+
+@contextmanager
+def _own_errors() -> Iterator[None]:
+    """Raise SQLAlchemy's errors as ours, the original chained for the logs."""
+    try:
+        yield
+    except sa.exc.IntegrityError as exc:
+        unique = getattr(exc.orig, "sqlstate", None) == _UNIQUE_VIOLATION or str(
+            exc.orig
+        ).startswith("UNIQUE constraint failed")
+        raise (Duplicate if unique else IntegrityViolation)(str(exc.orig)) from exc
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        raise DatabaseUnavailable(str(exc.orig)) from exc
+    except sa.exc.TimeoutError as exc:  # no connection free in the pool
+        raise DatabaseUnavailable(str(exc)) from exc
+    except sa.exc.SQLAlchemyError as exc:
+        raise DatabaseError(str(exc)) from exc
+
+
+# =================================================================================================
 # Engine and transactions
 # =================================================================================================
 
@@ -252,14 +529,14 @@ def database() -> Database:
 def transaction() -> Iterator[Connection]:
     """One database transaction: committed on success, rolled back on any error."""
     current = database()
-    with current.write_lock or nullcontext(), current.engine.begin() as conn:
+    with _own_errors(), current.write_lock or nullcontext(), current.engine.begin() as conn:
         yield conn
 
 
 @contextmanager
 def connection() -> Iterator[Connection]:
     """A connection for reads."""
-    with database().engine.connect() as conn:
+    with _own_errors(), database().engine.connect() as conn:
         yield conn
 
 
@@ -272,10 +549,6 @@ META_TABLE = meta.name
 # The upgrade's PostgreSQL advisory lock: a constant of ours ("mailslot" in ASCII).
 MIGRATION_LOCK_KEY = 0x6D61696C736C6F74
 SQLITE_LOCK_WAIT_MS = 10 * 60 * 1000
-
-
-class BrokenReferences(RuntimeError):
-    """An upgrade would leave rows whose foreign keys point nowhere; nothing was changed."""
 
 
 def table_names(conn: Connection) -> set[str]:
@@ -312,7 +585,7 @@ def migration_connection(url: str) -> Iterator[Connection]:
     """
     engine = _migration_engine(url)
     try:
-        with engine.begin() as conn:
+        with _own_errors(), engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
             yield conn
@@ -364,26 +637,36 @@ def database_url() -> str:
 
 
 # =================================================================================================
+# Public ids
+# =================================================================================================
+
+
+def new_public_id() -> str:
+    """A random, URL-safe public id with 128 bits of entropy (forms, submissions)."""
+    return secrets.token_urlsafe(16)
+
+
+# =================================================================================================
 # Users
 # =================================================================================================
 
 
-def insert_user(conn: Connection, email: str, password_hash: str) -> Row:
-    """Add an owner; raises IntegrityError when the email is taken."""
+def insert_user(conn: Connection, email: str, password_hash: str) -> User:
+    """Add an owner; raises Duplicate when the email is taken."""
     user_id = conn.execute(
         sa.insert(users).values(email=email, password_hash=password_hash, created_at=utcnow())
     ).inserted_primary_key[0]
-    return conn.execute(sa.select(users).where(users.c.id == user_id)).one()
+    return User(*conn.execute(sa.select(users).where(users.c.id == user_id)).one())
 
 
-def user_by_email(conn: Connection, email: str) -> Row | None:
+def user_by_email(conn: Connection, email: str) -> User | None:
     """The owner with this (lower-cased) email."""
-    return conn.execute(sa.select(users).where(users.c.email == email)).one_or_none()
+    return _record(User, conn.execute(sa.select(users).where(users.c.email == email)).one_or_none())
 
 
-def user_by_id(conn: Connection, user_id: int) -> Row | None:
+def user_by_id(conn: Connection, user_id: int) -> User | None:
     """The owner with this id."""
-    return conn.execute(sa.select(users).where(users.c.id == user_id)).one_or_none()
+    return _record(User, conn.execute(sa.select(users).where(users.c.id == user_id)).one_or_none())
 
 
 def set_password_hash(conn: Connection, user_id: int, password_hash: str) -> None:
@@ -420,7 +703,7 @@ FORM_COLUMNS = (
 )  # fmt: skip
 
 
-def insert_form(conn: Connection, owner_id: int, public_id: str, values: dict[str, Any]) -> Row:
+def insert_form(conn: Connection, owner_id: int, public_id: str, values: dict[str, Any]) -> Form:
     """Add a form for an owner."""
     now = utcnow()
     form_id = conn.execute(
@@ -428,7 +711,7 @@ def insert_form(conn: Connection, owner_id: int, public_id: str, values: dict[st
             owner_id=owner_id, public_id=public_id, created_at=now, updated_at=now, **values
         )
     ).inserted_primary_key[0]
-    return conn.execute(sa.select(forms).where(forms.c.id == form_id)).one()
+    return Form(*conn.execute(sa.select(forms).where(forms.c.id == form_id)).one())
 
 
 def update_form(conn: Connection, form_id: int, values: dict[str, Any]) -> None:
@@ -455,33 +738,10 @@ def delete_form(conn: Connection, form_id: int) -> None:
     conn.execute(sa.delete(forms).where(forms.c.id == form_id))
 
 
-def form_by_public_id(conn: Connection, public_id: str) -> Row | None:
-    """A form by its public id, whoever owns it (the public endpoint's lookup)."""
-    return conn.execute(sa.select(forms).where(forms.c.public_id == public_id)).one_or_none()
-
-
-@dataclass(frozen=True, slots=True)
-class PublicForm:
-    """What the submission path and the hosted page know of a form (cached in Redis): never
-    its webhook secret."""
-
-    id: int
-    public_id: str
-    owner_id: int
-    name: str
-    fields: list[dict[str, Any]]
-    schema_version: int
-    strict: bool
-    redirect_url: str | None
-    allowed_domains: list[str]
-    honeypot_field: str
-    webhook_url: str | None
-    notify: bool
-    status: str
-    spam_rules: dict[str, list[str]]
-    description: str
-    thanks_message: str
-    show_branding: bool
+def form_by_public_id(conn: Connection, public_id: str) -> Form | None:
+    """A form by its public id, whoever owns it."""
+    row = conn.execute(sa.select(forms).where(forms.c.public_id == public_id)).one_or_none()
+    return _record(Form, row)
 
 
 _PUBLIC_FORM = sa.select(*(forms.c[name] for name in PublicForm.__dataclass_fields__)).where(
@@ -491,18 +751,18 @@ _PUBLIC_FORM = sa.select(*(forms.c[name] for name in PublicForm.__dataclass_fiel
 
 def public_view_of_form(conn: Connection, public_id: str) -> PublicForm | None:
     """The public view of a form by its public id, whoever owns it (the cache's fill)."""
-    row = conn.execute(_PUBLIC_FORM, {"public_id": public_id}).one_or_none()
-    return None if row is None else PublicForm(*row)
+    return _record(PublicForm, conn.execute(_PUBLIC_FORM, {"public_id": public_id}).one_or_none())
 
 
-def owned_form(conn: Connection, owner_id: int, public_id: str) -> Row | None:
+def owned_form(conn: Connection, owner_id: int, public_id: str) -> Form | None:
     """A form by public id, only when this owner has it."""
-    return conn.execute(
+    row = conn.execute(
         sa.select(forms).where(forms.c.public_id == public_id, forms.c.owner_id == owner_id)
     ).one_or_none()
+    return _record(Form, row)
 
 
-def forms_with_counts(conn: Connection, owner_id: int) -> list[Row]:
+def forms_with_counts(conn: Connection, owner_id: int) -> list[FormWithCounts]:
     """The owner's forms, newest first, with submission counts and the newest submission time."""
     counts = (
         sa.select(
@@ -524,7 +784,7 @@ def forms_with_counts(conn: Connection, owner_id: int) -> list[Row]:
         .where(forms.c.owner_id == owner_id)
         .order_by(forms.c.id.desc())
     )
-    return list(conn.execute(query))
+    return _records(FormWithCounts, conn.execute(query))
 
 
 # The submission path's statements are built once: executed with a parameter dict they reuse
@@ -538,9 +798,9 @@ _INSERT_SUBMISSION = sa.insert(submissions).returning(*submissions.c)
 _INSERT_DELIVERIES = sa.insert(deliveries).returning(deliveries.c.id, sort_by_parameter_order=True)
 
 
-def owner_of_form(conn: Connection, form_id: int) -> Row | None:
+def owner_of_form(conn: Connection, form_id: int) -> User | None:
     """The user who owns a form."""
-    return conn.execute(_OWNER_OF_FORM, {"form_id": form_id}).one_or_none()
+    return _record(User, conn.execute(_OWNER_OF_FORM, {"form_id": form_id}).one_or_none())
 
 
 # =================================================================================================
@@ -554,10 +814,10 @@ def search_text(data: dict[str, Any]) -> str:
     return "\n".join(parts).casefold()
 
 
-def insert_submission(conn: Connection, values: dict[str, Any]) -> Row:
+def insert_submission(conn: Connection, values: dict[str, Any]) -> Submission:
     """Store one submission (its search text is derived from its data)."""
     values = {"search_text": search_text(values["data"]), **values, "created_at": utcnow()}
-    return conn.execute(_INSERT_SUBMISSION, values).one()
+    return Submission(*conn.execute(_INSERT_SUBMISSION, values).one())
 
 
 def insert_deliveries(
@@ -599,7 +859,7 @@ def submission_page(
     spam: bool | None = False,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
-) -> list[Row]:
+) -> list[Submission]:
     """One page of a form's submissions, newest first, keyset-paged by id (``before``)."""
     stmt = sa.select(submissions).where(submissions.c.form_id == form_id)
     if before is not None:
@@ -614,24 +874,31 @@ def submission_page(
         stmt = stmt.where(submissions.c.created_at >= since)
     if until is not None:
         stmt = stmt.where(submissions.c.created_at < until)
-    return list(conn.execute(stmt.order_by(submissions.c.id.desc()).limit(limit)))
+    return _records(Submission, conn.execute(stmt.order_by(submissions.c.id.desc()).limit(limit)))
 
 
-def iter_submissions(conn: Connection, form_id: int, batch: int = 1000) -> Iterator[Row]:
+_EXPORTED_SUBMISSION = sa.select(
+    *(submissions.c[name] for name in ExportedSubmission.__dataclass_fields__)
+)
+
+
+def iter_submissions(
+    conn: Connection, form_id: int, batch: int = 1000
+) -> Iterator[ExportedSubmission]:
     """Every non-spam submission of a form, oldest first, fetched in batches (constant memory)."""
     last = 0
     while True:
-        rows = list(
+        rows = _records(
+            ExportedSubmission,
             conn.execute(
-                sa.select(submissions)
-                .where(
+                _EXPORTED_SUBMISSION.where(
                     submissions.c.form_id == form_id,
                     submissions.c.id > last,
                     submissions.c.is_spam.is_(False),
                 )
                 .order_by(submissions.c.id)
                 .limit(batch)
-            )
+            ),
         )
         yield from rows
         if len(rows) < batch:
@@ -639,13 +906,14 @@ def iter_submissions(conn: Connection, form_id: int, batch: int = 1000) -> Itera
         last = rows[-1].id
 
 
-def submission_in_form(conn: Connection, form_id: int, public_id: str) -> Row | None:
+def submission_in_form(conn: Connection, form_id: int, public_id: str) -> Submission | None:
     """A submission by public id, only within this form."""
-    return conn.execute(
+    row = conn.execute(
         sa.select(submissions).where(
             submissions.c.form_id == form_id, submissions.c.public_id == public_id
         )
     ).one_or_none()
+    return _record(Submission, row)
 
 
 def set_spam(conn: Connection, submission_id: int, is_spam: bool, reason: str | None) -> None:
@@ -662,14 +930,15 @@ def delete_submission(conn: Connection, submission_id: int) -> None:
     _delete_submissions(conn, [submission_id])
 
 
-def deliveries_for(conn: Connection, submission_id: int) -> list[Row]:
+def deliveries_for(conn: Connection, submission_id: int) -> list[Delivery]:
     """A submission's delivery log."""
-    return list(
+    return _records(
+        Delivery,
         conn.execute(
             sa.select(deliveries)
             .where(deliveries.c.submission_id == submission_id)
             .order_by(deliveries.c.id)
-        )
+        ),
     )
 
 
@@ -689,7 +958,7 @@ def spam_count(conn: Connection, form_id: int) -> int:
 
 def claim_delivery(
     conn: Connection, delivery_id: int, lease_seconds: int, expect_attempts: int | None = None
-) -> Row | None:
+) -> Delivery | None:
     """Take a delivery for sending: pending, or sending with an expired lease. None = no-op.
 
     One conditional UPDATE, so two workers holding the same message cannot both win. With
@@ -717,7 +986,9 @@ def claim_delivery(
     )
     if result.rowcount != 1:
         return None
-    return conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
+    return Delivery(
+        *conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
+    )
 
 
 def finish_delivery(
@@ -744,7 +1015,7 @@ _DELIVERY_ROW = (
 )
 
 
-def delivery_context(conn: Connection, delivery_id: int) -> Row | None:
+def delivery_context(conn: Connection, delivery_id: int) -> SubmissionDelivery | None:
     """A delivery with its submission, form and owner, for building the message."""
     query = (
         sa.select(
@@ -770,7 +1041,8 @@ def delivery_context(conn: Connection, delivery_id: int) -> Row | None:
         )
         .where(deliveries.c.id == delivery_id)
     )
-    return conn.execute(query).one_or_none()
+    row = conn.execute(query).one_or_none()
+    return None if row is None else SubmissionDelivery(**row._mapping)
 
 
 def insert_account_delivery(
@@ -797,7 +1069,7 @@ def insert_account_delivery(
     ).inserted_primary_key[0]
 
 
-def account_delivery_context(conn: Connection, delivery_id: int) -> Row | None:
+def account_delivery_context(conn: Connection, delivery_id: int) -> AccountDelivery | None:
     """An account email with its account, for building the message."""
     query = (
         sa.select(
@@ -811,30 +1083,33 @@ def account_delivery_context(conn: Connection, delivery_id: int) -> Row | None:
         .join(users, users.c.id == deliveries.c.user_id)
         .where(deliveries.c.id == delivery_id, deliveries.c.submission_id.is_(None))
     )
-    return conn.execute(query).one_or_none()
+    row = conn.execute(query).one_or_none()
+    return None if row is None else AccountDelivery(**row._mapping)
 
 
-def account_deliveries(conn: Connection, user_id: int, limit: int = 20) -> list[Row]:
+def account_deliveries(conn: Connection, user_id: int, limit: int = 20) -> list[Delivery]:
     """The account emails of one owner, newest first."""
-    return list(
+    return _records(
+        Delivery,
         conn.execute(
             sa.select(deliveries)
             .where(deliveries.c.user_id == user_id, deliveries.c.submission_id.is_(None))
             .order_by(deliveries.c.id.desc())
             .limit(limit)
-        )
+        ),
     )
 
 
-def owned_account_delivery(conn: Connection, user_id: int, delivery_id: int) -> Row | None:
+def owned_account_delivery(conn: Connection, user_id: int, delivery_id: int) -> Delivery | None:
     """One account email, only when it is this owner's."""
-    return conn.execute(
+    row = conn.execute(
         sa.select(deliveries).where(
             deliveries.c.id == delivery_id,
             deliveries.c.user_id == user_id,
             deliveries.c.submission_id.is_(None),
         )
     ).one_or_none()
+    return _record(Delivery, row)
 
 
 def due_deliveries(conn: Connection, limit: int, push_back_seconds: int) -> list[tuple[int, int]]:
@@ -934,16 +1209,17 @@ def set_delivery_target(conn: Connection, delivery_id: int, target: str) -> None
     conn.execute(sa.update(deliveries).where(deliveries.c.id == delivery_id).values(target=target))
 
 
-def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[Row]:
+def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[DeadDelivery]:
     """A form's dead deliveries with their submission ids, newest first."""
-    return list(
+    return _records(
+        DeadDelivery,
         conn.execute(
             sa.select(deliveries, submissions.c.public_id.label("submission_public_id"))
             .join(submissions, submissions.c.id == deliveries.c.submission_id)
             .where(submissions.c.form_id == form_id, deliveries.c.status == "dead")
             .order_by(deliveries.c.id.desc())
             .limit(limit)
-        )
+        ),
     )
 
 
@@ -954,30 +1230,31 @@ def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[Ro
 
 def insert_api_token(
     conn: Connection, user_id: int, name: str, prefix: str, token_hash: str
-) -> Row:
+) -> ApiToken:
     """Store a new API token (its hash and visible prefix, never the token itself)."""
     token_id = conn.execute(
         sa.insert(api_tokens).values(
             user_id=user_id, name=name, prefix=prefix, token_hash=token_hash, created_at=utcnow()
         )
     ).inserted_primary_key[0]
-    return conn.execute(sa.select(api_tokens).where(api_tokens.c.id == token_id)).one()
+    return ApiToken(*conn.execute(sa.select(api_tokens).where(api_tokens.c.id == token_id)).one())
 
 
-def active_api_tokens(conn: Connection, user_id: int) -> list[Row]:
+def active_api_tokens(conn: Connection, user_id: int) -> list[ApiToken]:
     """An owner's tokens that are not revoked, newest first."""
-    return list(
+    return _records(
+        ApiToken,
         conn.execute(
             sa.select(api_tokens)
             .where(api_tokens.c.user_id == user_id, api_tokens.c.revoked_at.is_(None))
             .order_by(api_tokens.c.id.desc())
-        )
+        ),
     )
 
 
-def api_token_by_hash(conn: Connection, token_hash: str) -> Row | None:
+def api_token_by_hash(conn: Connection, token_hash: str) -> ApiTokenWithOwner | None:
     """The unrevoked token with this hash, with its owner's email and confirmation time."""
-    return conn.execute(
+    row = conn.execute(
         sa.select(
             api_tokens,
             users.c.email,
@@ -987,6 +1264,7 @@ def api_token_by_hash(conn: Connection, token_hash: str) -> Row | None:
         .join(users, users.c.id == api_tokens.c.user_id)
         .where(api_tokens.c.token_hash == token_hash, api_tokens.c.revoked_at.is_(None))
     ).one_or_none()
+    return _record(ApiTokenWithOwner, row)
 
 
 def revoke_api_token(conn: Connection, user_id: int, token_id: int) -> bool:
@@ -1018,26 +1296,19 @@ def touch_api_token(conn: Connection, token_id: int, now: dt.datetime, every: in
     )
 
 
-def owned_submission(conn: Connection, owner_id: int, public_id: str) -> Row | None:
+def owned_submission(conn: Connection, owner_id: int, public_id: str) -> SubmissionWithForm | None:
     """A submission by public id with its form's public id, only when this owner has the form."""
-    return conn.execute(
+    row = conn.execute(
         sa.select(submissions, forms.c.public_id.label("form_public_id"))
         .join(forms, forms.c.id == submissions.c.form_id)
         .where(submissions.c.public_id == public_id, forms.c.owner_id == owner_id)
     ).one_or_none()
+    return _record(SubmissionWithForm, row)
 
 
 # =================================================================================================
 # Submissions per day (the inbox chart)
 # =================================================================================================
-
-
-@dataclass(frozen=True)
-class DayCount:
-    """Submissions received on one UTC day."""
-
-    day: dt.date
-    count: int
 
 
 def daily_counts(conn: Connection, form_id: int, days: int) -> list[DayCount]:
@@ -1078,13 +1349,10 @@ def _delete_submissions(conn: Connection, ids: sa.Select[Any] | list[int]) -> in
     return conn.execute(sa.delete(submissions).where(submissions.c.id.in_(ids))).rowcount
 
 
-def forms_with_retention(conn: Connection) -> list[Row]:
-    """Forms whose owner set a retention period."""
-    return list(
-        conn.execute(
-            sa.select(forms.c.id, forms.c.retention_days).where(forms.c.retention_days.is_not(None))
-        )
-    )
+def forms_with_retention(conn: Connection) -> list[tuple[int, int]]:
+    """(form id, retention days) of the forms whose owner set a retention period."""
+    query = sa.select(forms.c.id, forms.c.retention_days).where(forms.c.retention_days.is_not(None))
+    return [(form_id, days) for form_id, days in conn.execute(query)]
 
 
 def purge_before(conn: Connection, form_id: int, cutoff: dt.datetime, batch: int) -> int:
@@ -1098,7 +1366,9 @@ def purge_before(conn: Connection, form_id: int, cutoff: dt.datetime, batch: int
     return _delete_submissions(conn, list(conn.execute(ids).scalars()))
 
 
-def submissions_mentioning(conn: Connection, owner_id: int, text: str) -> Iterator[Row]:
+def submissions_mentioning(
+    conn: Connection, owner_id: int, text: str
+) -> Iterator[SubmissionValues]:
     """The owner's submissions whose data or control values contain ``text`` (candidates)."""
     pattern = _like_pattern(text)
     query = (
@@ -1113,7 +1383,8 @@ def submissions_mentioning(conn: Connection, owner_id: int, text: str) -> Iterat
         )
         .order_by(submissions.c.id)
     )
-    yield from conn.execute(query)
+    for row in conn.execute(query):
+        yield SubmissionValues(*row)
 
 
 def delete_submissions(conn: Connection, ids: list[int]) -> int:

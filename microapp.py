@@ -5,6 +5,7 @@ Views stay thin: they parse the request, call one function in ``services``, and 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -39,7 +40,6 @@ from flask import (
     url_for,
 )
 from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
-from sqlalchemy.exc import OperationalError
 from werkzeug.datastructures import ImmutableMultiDict
 from werkzeug.exceptions import (
     HTTPException,
@@ -392,7 +392,7 @@ def safe_next(target: str | None, default: str) -> str:
     return target
 
 
-def _start_session(user: dal.Row) -> None:
+def _start_session(user: dal.User) -> None:
     """Clear whatever the browser had and issue a fresh session for this user."""
     session.clear()
     session["uid"] = user.id
@@ -580,7 +580,7 @@ def forms_index() -> str:
     return render_template("forms_index.html", forms=services.list_forms(g.user.id))
 
 
-def _owned_form(public_id: str) -> dal.Row:
+def _owned_form(public_id: str) -> dal.Form:
     """The logged-in owner's form, or 404 (also for someone else's form)."""
     try:
         return services.owned_form(g.user.id, public_id)
@@ -588,7 +588,7 @@ def _owned_form(public_id: str) -> dal.Row:
         abort(404)
 
 
-def _owned_submission(form: dal.Row, submission_id: str) -> dal.Row:
+def _owned_submission(form: dal.Form, submission_id: str) -> dal.Submission:
     """A submission of the owner's form, or 404."""
     try:
         return services.owned_submission(form, submission_id)
@@ -666,7 +666,7 @@ def form_webhook_secret(public_id: str) -> Any:
     return _secret_page(record, secret)
 
 
-def _secret_page(record: dal.Row, secret: str) -> Any:
+def _secret_page(record: dal.Form, secret: str) -> Any:
     """The settings page showing the signing secret in full, kept out of every cache."""
     response = current_app.make_response(_render_settings(record, shown_secret=secret))
     response.headers["Cache-Control"] = "no-store"
@@ -674,11 +674,11 @@ def _secret_page(record: dal.Row, secret: str) -> Any:
 
 
 def _render_settings(
-    record: dal.Row, form: Any = None, webhook_form: Any = None, shown_secret: str | None = None
+    record: dal.Form, form: Any = None, webhook_form: Any = None, shown_secret: str | None = None
 ) -> str:
     """The settings page with its two forms; the signing secret masked unless ``shown_secret``."""
     if form is None:
-        form = forms.FormSettingsForm(data=forms.settings_form_data(record._mapping))
+        form = forms.FormSettingsForm(data=forms.settings_form_data(dataclasses.asdict(record)))
     if webhook_form is None:
         webhook_form = forms.WebhookForm(data={"url": record.webhook_url or ""})
     masked = services.masked_secret(record.webhook_secret) if record.webhook_secret else None
@@ -831,7 +831,7 @@ def export_json(public_id: str) -> Any:
     return _download(services.export_json(record), record, "json", "application/json")
 
 
-def _download(chunks: Any, record: dal.Row, extension: str, content_type: str) -> Any:
+def _download(chunks: Any, record: dal.Form, extension: str, content_type: str) -> Any:
     """A streamed attachment named after the form, with exactly this Content-Type (werkzeug
     would add a second charset to a text/* ``mimetype`` that already names one)."""
     response = current_app.response_class(stream_with_context(chunks), content_type=content_type)
@@ -1136,9 +1136,9 @@ def _register_error_handlers(app: Flask) -> None:
             "csrf_failed",
         )
 
-    @app.errorhandler(OperationalError)
-    def database_down(exc: OperationalError) -> Any:
-        log.error("database.unavailable", error=str(exc.orig)[:200])
+    @app.errorhandler(dal.DatabaseUnavailable)
+    def database_down(exc: dal.DatabaseUnavailable) -> Any:
+        log.error("database.unavailable", error=str(exc)[:200])
         return error_response(503, "The database is unavailable; nothing was saved. Try again.")
 
     @app.errorhandler(HTTPException)
@@ -1207,10 +1207,8 @@ def _register_cli(app: Flask) -> None:
             done += migrate.upgrade_db()
         except migrate.SchemaMismatch as exc:
             raise click.ClickException(str(exc)) from None
-        except OperationalError as exc:
-            raise click.ClickException(
-                f"The database is unreachable or locked: {exc.orig}"
-            ) from None
+        except dal.DatabaseUnavailable as exc:
+            raise click.ClickException(f"The database is unreachable or locked: {exc}") from None
         for line in done or [f"Already at {migrate.SCHEMA_REVISION} (head); nothing to do."]:
             click.echo(line)
 

@@ -27,7 +27,6 @@ from urllib.parse import urlsplit
 import structlog
 from flask import current_app
 from itsdangerous import BadData, BadSignature, SignatureExpired, URLSafeTimedSerializer
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from werkzeug.security import check_password_hash, generate_password_hash
 
 import cache
@@ -77,7 +76,7 @@ def sign_up(email: str, password: str) -> None:
         with dal.transaction() as conn:
             user = dal.insert_user(conn, email, password_hash)
             delivery_id = queue_account_email(conn, user, "confirm_email")
-    except IntegrityError:
+    except dal.Duplicate:
         delivery_id = _tell_existing_owner(email)
     else:
         log.info("account.created", user=user.id)
@@ -102,7 +101,7 @@ def _tell_existing_owner(email: str) -> int | None:
 
 def queue_account_email(
     conn: Any,
-    user: dal.Row,
+    user: dal.User,
     template: str,
     *,
     to: str | None = None,
@@ -118,7 +117,7 @@ def queue_account_email(
     return dal.insert_account_delivery(conn, user.id, template, to or user.email, params)
 
 
-def log_in(email: str, password: str, client_ip: str | None = None) -> dal.Row | None:
+def log_in(email: str, password: str, client_ip: str | None = None) -> dal.User | None:
     """The owner for this email and password, or None; upgrades an outdated hash on success.
 
     Attempts are counted per account and per address before the password is checked, in one
@@ -139,7 +138,7 @@ def log_in(email: str, password: str, client_ip: str | None = None) -> dal.Row |
     return user
 
 
-def _check_password(email: str, password: str) -> dal.Row | None:
+def _check_password(email: str, password: str) -> dal.User | None:
     """The owner if the password is right; constant work for unknown addresses."""
     method = current_settings().password_hash_method
     with dal.connection() as conn:
@@ -167,7 +166,7 @@ def log_out(user_id: int) -> None:
         dal.bump_session_version(conn, user_id)
 
 
-def user_for_session(user_id: Any, version: Any) -> dal.Row | None:
+def user_for_session(user_id: Any, version: Any) -> dal.User | None:
     """The owner a session cookie names, if the cookie is still current."""
     if not isinstance(user_id, int) or not isinstance(version, int):
         return None
@@ -289,18 +288,13 @@ class NotFound(LookupError):
     """The thing does not exist, or belongs to someone else: both answer 404."""
 
 
-def new_public_id() -> str:
-    """A random, URL-safe public id with 128 bits of entropy."""
-    return secrets.token_urlsafe(16)
-
-
-def list_forms(owner_id: int) -> list[dal.Row]:
+def list_forms(owner_id: int) -> list[dal.FormWithCounts]:
     """The owner's forms with their submission counts and newest submission time."""
     with dal.connection() as conn:
         return dal.forms_with_counts(conn, owner_id)
 
 
-def owned_form(owner_id: int, public_id: str) -> dal.Row:
+def owned_form(owner_id: int, public_id: str) -> dal.Form:
     """The owner's form, or NotFound whether it is missing or someone else's."""
     with dal.connection() as conn:
         form = dal.owned_form(conn, owner_id, public_id)
@@ -309,29 +303,29 @@ def owned_form(owner_id: int, public_id: str) -> dal.Row:
     return form
 
 
-def create_form(owner_id: int, values: dict[str, Any]) -> dal.Row:
+def create_form(owner_id: int, values: dict[str, Any]) -> dal.Form:
     """Create a form from cleaned settings values."""
     with dal.transaction() as conn:
-        form = dal.insert_form(conn, owner_id, new_public_id(), values)
+        form = dal.insert_form(conn, owner_id, dal.new_public_id(), values)
     log.info("form.created", form=form.public_id)
     return form
 
 
-def update_form_settings(form: dal.Row, values: dict[str, Any]) -> None:
+def update_form_settings(form: dal.Form, values: dict[str, Any]) -> None:
     """Save a form's settings."""
     with cache.form_write(form.public_id) as conn:
         dal.update_form(conn, form.id, values)
     log.info("form.updated", form=form.public_id)
 
 
-def save_fields(form: dal.Row, specs: list[dict[str, Any]]) -> None:
+def save_fields(form: dal.Form, specs: list[dict[str, Any]]) -> None:
     """Store a new field schema; its version goes up so old submissions keep their meaning."""
     with cache.form_write(form.public_id) as conn:
         dal.bump_schema_version(conn, form.id, specs)
     log.info("form.fields_saved", form=form.public_id, fields=len(specs))
 
 
-def delete_form(form: dal.Row) -> None:
+def delete_form(form: dal.Form) -> None:
     """Remove a form and everything stored for it."""
     with cache.form_write(form.public_id) as conn:
         dal.delete_form(conn, form.id)
@@ -342,8 +336,8 @@ INBOX_PAGE_SIZE = 50
 
 
 def inbox_page(
-    form: dal.Row, *, before: int | None, query: str, spam: bool
-) -> tuple[list[dal.Row], int | None]:
+    form: dal.Form, *, before: int | None, query: str, spam: bool
+) -> tuple[list[dal.Submission], int | None]:
     """One page of the inbox, newest first, and the ``before`` cursor of the next page."""
     with dal.connection() as conn:
         rows = dal.submission_page(
@@ -354,7 +348,7 @@ def inbox_page(
     return rows, (rows[-1].id if more else None)
 
 
-def owned_submission(form: dal.Row, public_id: str) -> dal.Row:
+def owned_submission(form: dal.Form, public_id: str) -> dal.Submission:
     """A submission of this (already owned) form, or NotFound."""
     with dal.connection() as conn:
         submission = dal.submission_in_form(conn, form.id, public_id)
@@ -363,13 +357,13 @@ def owned_submission(form: dal.Row, public_id: str) -> dal.Row:
     return submission
 
 
-def submission_deliveries(submission: dal.Row) -> list[dal.Row]:
+def submission_deliveries(submission: dal.Submission) -> list[dal.Delivery]:
     """The delivery log of one submission."""
     with dal.connection() as conn:
         return dal.deliveries_for(conn, submission.id)
 
 
-def mark_spam(submission: dal.Row, is_spam: bool) -> None:
+def mark_spam(submission: dal.Submission, is_spam: bool) -> None:
     """The owner's verdict on a submission."""
     reason = "marked as spam by the owner" if is_spam else None
     with dal.transaction() as conn:
@@ -380,7 +374,7 @@ def mark_spam(submission: dal.Row, is_spam: bool) -> None:
     dispatch_deliveries([(delivery_id, 0) for delivery_id in released])  # never attempted
 
 
-def delete_submission(submission: dal.Row) -> None:
+def delete_submission(submission: dal.Submission) -> None:
     """Remove one submission."""
     with dal.transaction() as conn:
         dal.delete_submission(conn, submission.id)
@@ -388,12 +382,12 @@ def delete_submission(submission: dal.Row) -> None:
     log.info("submission.deleted", submission=submission.public_id)
 
 
-def endpoint_url(form: dal.Row) -> str:
+def endpoint_url(form: dal.Form) -> str:
     """The address a website's form posts to."""
     return f"{current_settings().base_url}/f/{form.public_id}"
 
 
-def install_snippets(form: dal.Row) -> dict[str, str]:
+def install_snippets(form: dal.Form) -> dict[str, str]:
     """Ready-to-paste HTML and fetch() code for this form, and its hosted page link."""
     action = endpoint_url(form)
     fields = form.fields or forms.DEFAULT_FIELDS
@@ -467,7 +461,7 @@ def spreadsheet_safe(value: Any) -> str:
     return text
 
 
-def _export_columns(form: dal.Row) -> list[str]:
+def _export_columns(form: dal.Form) -> list[str]:
     """Schema fields in order, then every other key seen in the data, in first-seen order."""
     columns = [spec["name"] for spec in form.fields or []]
     seen = set(columns)
@@ -480,7 +474,7 @@ def _export_columns(form: dal.Row) -> list[str]:
     return columns
 
 
-def export_csv(form: dal.Row) -> Iterator[str]:
+def export_csv(form: dal.Form) -> Iterator[str]:
     """The form's submissions as CSV (UTF-8 with BOM, RFC 4180), streamed row by row."""
     columns = _export_columns(form)
     buffer = io.StringIO()
@@ -506,7 +500,7 @@ def export_csv(form: dal.Row) -> Iterator[str]:
             yield flush()
 
 
-def export_json(form: dal.Row) -> Iterator[str]:
+def export_json(form: dal.Form) -> Iterator[str]:
     """The form's submissions as one JSON array, streamed one object at a time."""
     yield "["
     first = True
@@ -567,7 +561,7 @@ class IntakeRequest:
 class IntakeResult:
     """What happened: stored, trapped by the honeypot, or refused with per-field errors."""
 
-    form: dal.Row
+    form: dal.PublicForm
     outcome: str  # "stored", "honeypot", "invalid"
     submission_id: str = ""
     errors: dict[str, list[str]] = field(default_factory=dict)
@@ -587,7 +581,7 @@ def _available(form: dal.PublicForm | None) -> dal.PublicForm:
     return form
 
 
-def _on_trusted_site(form: dal.Row, url: forms.WebUrl, *, exact_port: bool) -> bool:
+def _on_trusted_site(form: dal.PublicForm, url: forms.WebUrl, *, exact_port: bool) -> bool:
     """Whether ``url`` is on Mailslot's own site or on one of the form's allowed domains.
 
     An allowed entry that names a port matches that port only. One that names none matches
@@ -609,7 +603,7 @@ def _on_trusted_site(form: dal.Row, url: forms.WebUrl, *, exact_port: bool) -> b
     return False
 
 
-def origin_allowed(form: dal.Row, origin: str | None, referrer: str | None) -> bool:
+def origin_allowed(form: dal.PublicForm, origin: str | None, referrer: str | None) -> bool:
     """Cross-site posts only from the allowed domains, when the owner listed any.
 
     ``Origin: null`` (a sandboxed frame, a local file, a privacy-preserving context) hides the
@@ -630,7 +624,7 @@ def origin_allowed(form: dal.Row, origin: str | None, referrer: str | None) -> b
     return url is not None and _on_trusted_site(form, url, exact_port=False)
 
 
-def cors_origin(form: dal.Row | None, origin: str | None) -> str | None:
+def cors_origin(form: dal.PublicForm | None, origin: str | None) -> str | None:
     """The Access-Control-Allow-Origin value for this origin, or None to send none."""
     if form is None or not form.allowed_domains:
         return "*"
@@ -640,7 +634,7 @@ def cors_origin(form: dal.Row | None, origin: str | None) -> str | None:
     return None
 
 
-def safe_redirect(form: dal.Row, next_url: Any, posted_from: str | None) -> str | None:
+def safe_redirect(form: dal.PublicForm, next_url: Any, posted_from: str | None) -> str | None:
     """``_next`` resolved against the posting page, if it stays on a site this form trusts.
 
     The answer is the URL as parsed and checked (see ``forms.parse_web_url``), never the text
@@ -735,7 +729,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
     if _control_value(values, form.honeypot_field):
         cache.bump_counter(f"form:{form.id}:honeypot")
         log.info("submission.honeypot", form=form.public_id)
-        return IntakeResult(form, "honeypot", new_public_id(), redirect_to=redirect_to)
+        return IntakeResult(form, "honeypot", dal.new_public_id(), redirect_to=redirect_to)
 
     data = {
         key: value
@@ -766,7 +760,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
         submission = dal.insert_submission(
             conn,
             {
-                "public_id": new_public_id(),
+                "public_id": dal.new_public_id(),
                 "form_id": form.id,
                 "data": clean,
                 "schema_version": form.schema_version,
@@ -793,7 +787,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
     )
 
 
-def _queue_deliveries(conn: Any, form: Any, submission: dal.Row, *, held: bool) -> list[int]:
+def _queue_deliveries(conn: Any, form: Any, submission: dal.Submission, *, held: bool) -> list[int]:
     """Outbox rows for a new submission, in its transaction: email to a confirmed owner, webhook.
 
     Spam gets its rows too, ``held``: marking it "not spam" releases them.
@@ -961,7 +955,7 @@ def inbox_numbers(form: Any) -> tuple[dict[str, int], list[dal.DayCount]]:
 # =================================================================================================
 
 
-def replay_delivery(submission: dal.Row, delivery_id: int) -> bool:
+def replay_delivery(submission: dal.Submission, delivery_id: int) -> bool:
     """Send a done or dead delivery of this submission again; False if there is none to replay."""
     with dal.transaction() as conn:
         row = next(
@@ -974,7 +968,7 @@ def replay_delivery(submission: dal.Row, delivery_id: int) -> bool:
     return replayed
 
 
-def dead_deliveries(form: dal.Row) -> list[dal.Row]:
+def dead_deliveries(form: dal.Form) -> list[dal.DeadDelivery]:
     """The form's deliveries that ran out of attempts."""
     with dal.connection() as conn:
         return dal.dead_deliveries(conn, form.id)
@@ -1001,7 +995,7 @@ def check_webhook_url(url: str) -> str | None:
 WEBHOOK_REMOVED = "cancelled: the form's webhook was removed"
 
 
-def set_webhook(form: dal.Row, url: str | None) -> str | None:
+def set_webhook(form: dal.Form, url: str | None) -> str | None:
     """Set or remove the form's webhook; the new signing secret when a first URL made one.
 
     Deliveries still to send follow the change: they go to the new URL, or, when the webhook is
@@ -1015,7 +1009,7 @@ def set_webhook(form: dal.Row, url: str | None) -> str | None:
     return values.get("webhook_secret")
 
 
-def _webhook_values(form: dal.Row, url: str | None) -> dict[str, Any]:
+def _webhook_values(form: dal.Form, url: str | None) -> dict[str, Any]:
     """The columns that set or remove a webhook: a first URL comes with a signing secret."""
     values: dict[str, Any] = {"webhook_url": url or None}
     if url and not form.webhook_secret:
@@ -1023,7 +1017,7 @@ def _webhook_values(form: dal.Row, url: str | None) -> dict[str, Any]:
     return values
 
 
-def _follow_webhook_change(conn: Any, form: dal.Row, url: str | None) -> None:
+def _follow_webhook_change(conn: Any, form: dal.Form, url: str | None) -> None:
     """Point the form's unsent webhook deliveries at ``url``, or cancel them when it is None."""
     if url == form.webhook_url:
         return
@@ -1033,7 +1027,7 @@ def _follow_webhook_change(conn: Any, form: dal.Row, url: str | None) -> None:
         dal.retarget_webhook_deliveries(conn, form.id, url)
 
 
-def rotate_webhook_secret(form: dal.Row) -> str:
+def rotate_webhook_secret(form: dal.Form) -> str:
     """Replace the signing secret and return it; the receiver must be given the new one."""
     secret = new_webhook_secret()
     with cache.form_write(form.public_id) as conn:
@@ -1042,7 +1036,7 @@ def rotate_webhook_secret(form: dal.Row) -> str:
     return secret
 
 
-def reveal_webhook_secret(form: dal.Row) -> str | None:
+def reveal_webhook_secret(form: dal.Form) -> str | None:
     """The form's signing secret, to show its owner once more (logged, the secret never is)."""
     if form.webhook_secret:
         log.info("form.webhook_secret_revealed", form=form.public_id)
@@ -1054,7 +1048,7 @@ def masked_secret(secret: str) -> str:
     return f"whsec_…{secret[-4:]}"
 
 
-def send_test_event(form: dal.Row) -> str:
+def send_test_event(form: dal.Form) -> str:
     """POST a signed webhook.test event now and say how the receiver answered.
 
     This runs in a web request: DNS, connect and read are each held to short limits
@@ -1074,7 +1068,7 @@ def send_test_event(form: dal.Row) -> str:
         status, _ = tasks.post_webhook(
             form.webhook_url,
             form.webhook_secret,
-            f"msg_test_{new_public_id()}",
+            f"msg_test_{dal.new_public_id()}",
             body,
             timeouts=(timeout, timeout),
         )
@@ -1310,7 +1304,7 @@ def resolve_webhook_target(
 CHART_DAYS = 30
 
 
-def submissions_per_day(form: dal.Row) -> list[dal.DayCount]:
+def submissions_per_day(form: dal.Form) -> list[dal.DayCount]:
     """The inbox chart's data: non-spam submissions per UTC day for CHART_DAYS days, oldest
     first, today last.
 
@@ -1359,7 +1353,7 @@ def hash_api_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_api_token(user_id: int, name: str) -> tuple[dal.Row, str]:
+def create_api_token(user_id: int, name: str) -> tuple[dal.ApiToken, str]:
     """A new token for this owner: its stored row, and the token itself (shown once, never kept)."""
     token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
     with dal.transaction() as conn:
@@ -1370,7 +1364,7 @@ def create_api_token(user_id: int, name: str) -> tuple[dal.Row, str]:
     return row, token
 
 
-def list_api_tokens(user_id: int) -> list[dal.Row]:
+def list_api_tokens(user_id: int) -> list[dal.ApiToken]:
     """The owner's active tokens, newest first."""
     with dal.connection() as conn:
         return dal.active_api_tokens(conn, user_id)
@@ -1385,7 +1379,7 @@ def revoke_api_token(user_id: int, token_id: int) -> bool:
     return revoked
 
 
-def api_token_owner(token: str) -> dal.Row | None:
+def api_token_owner(token: str) -> dal.ApiTokenWithOwner | None:
     """The active token (with its owner's email) a bearer token names, or None; notes the use."""
     if not _API_TOKEN_RE.fullmatch(token):
         return None
@@ -1450,7 +1444,7 @@ def _clean_form_value(key: str, value: Any, errors: dict[str, list[str]]) -> Any
     return value
 
 
-def clean_form_input(values: dict[str, Any], current: dal.Row | None = None) -> dict[str, Any]:
+def clean_form_input(values: dict[str, Any], current: dal.Form | None = None) -> dict[str, Any]:
     """The API's form settings (only the keys sent) checked and normalised, or InvalidInput.
 
     ``current`` is the form being changed: what is not sent keeps its stored value, and the
@@ -1472,7 +1466,7 @@ def clean_form_input(values: dict[str, Any], current: dal.Row | None = None) -> 
     return clean
 
 
-def create_form_via_api(owner_id: int, values: dict[str, Any]) -> tuple[dal.Row, str | None]:
+def create_form_via_api(owner_id: int, values: dict[str, Any]) -> tuple[dal.Form, str | None]:
     """Create a form from API input; the form and, when it has a webhook, its signing secret."""
     clean = clean_form_input(values)
     secret = new_webhook_secret() if clean.get("webhook_url") else None
@@ -1482,8 +1476,8 @@ def create_form_via_api(owner_id: int, values: dict[str, Any]) -> tuple[dal.Row,
 
 
 def update_form_via_api(
-    form: dal.Row, values: dict[str, Any], *, rotate_secret: bool = False
-) -> tuple[dal.Row, str | None]:
+    form: dal.Form, values: dict[str, Any], *, rotate_secret: bool = False
+) -> tuple[dal.Form, str | None]:
     """Apply an API PATCH; the fresh form and the signing secret when one was made or rotated.
 
     Everything is checked before anything is written, and written in one transaction: a
@@ -1510,7 +1504,7 @@ def update_form_via_api(
     return fresh, (fresh.webhook_secret if changed else None)
 
 
-def owner_submission(owner_id: int, public_id: str) -> dal.Row:
+def owner_submission(owner_id: int, public_id: str) -> dal.SubmissionWithForm:
     """A submission of any of the owner's forms (with ``form_public_id``), or NotFound."""
     with dal.connection() as conn:
         submission = dal.owned_submission(conn, owner_id, public_id)
@@ -1520,7 +1514,7 @@ def owner_submission(owner_id: int, public_id: str) -> dal.Row:
 
 
 def api_submission_page(
-    form: dal.Row,
+    form: dal.Form,
     *,
     before: int | None,
     limit: int,
@@ -1528,7 +1522,7 @@ def api_submission_page(
     spam: bool | None = None,
     since: Any = None,
     until: Any = None,
-) -> tuple[list[dal.Row], int | None]:
+) -> tuple[list[dal.Submission], int | None]:
     """One page of a form's submissions, newest first, and the ``before`` id of the next page."""
     limit = max(1, min(limit, API_PAGE_MAX))
     with dal.connection() as conn:
@@ -1547,7 +1541,7 @@ def api_submission_page(
     return rows, (rows[-1].id if more else None)
 
 
-def replay_owned_delivery(submission: dal.Row, delivery_id: int) -> dal.Row:
+def replay_owned_delivery(submission: dal.Submission, delivery_id: int) -> dal.Delivery:
     """Replay a done or dead delivery of this submission and return it; NotFound or Conflict."""
     current = {d.id: d for d in submission_deliveries(submission)}
     delivery = current.get(delivery_id)
@@ -1581,15 +1575,15 @@ def purge_expired(now: dt.datetime | None = None) -> int:
     total = 0
     with dal.connection() as conn:
         targets = dal.forms_with_retention(conn)
-    for form in targets:
-        cutoff = now - dt.timedelta(days=form.retention_days)
+    for form_id, retention_days in targets:
+        cutoff = now - dt.timedelta(days=retention_days)
         while True:
             with dal.transaction() as conn:
-                deleted = dal.purge_before(conn, form.id, cutoff, PURGE_BATCH)
+                deleted = dal.purge_before(conn, form_id, cutoff, PURGE_BATCH)
             total += deleted
             if deleted < PURGE_BATCH:
                 break
-        cache.forget_form_numbers(form.id)
+        cache.forget_form_numbers(form_id)
     if total:
         log.info("retention.purged", submissions=total)
     return total
@@ -1645,7 +1639,7 @@ def readiness() -> dict[str, Any]:
         with dal.connection() as conn:
             state = migrate.schema_state(conn)
         report["database"] = migrate.readiness_text(state)
-    except SQLAlchemyError as exc:
+    except dal.DatabaseError as exc:
         log.warning("readyz.database_unreachable", error=type(exc).__name__)
         report["database"] = "unreachable"
     report["redis"] = "ok" if cache.redis_reachable() else "unreachable"

@@ -31,7 +31,7 @@ from conftest import (
 )
 
 
-def rows(app: Flask) -> list[dal.Row]:
+def rows(app: Flask) -> list[sa.Row[Any]]:
     """Every delivery row, oldest first (after the deliveries handed off so far settled)."""
     settle_deliveries(app)
     with app.app_context(), dal.connection() as conn:
@@ -230,7 +230,7 @@ def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def owner_with_a_form(app: Flask) -> tuple[AuthActions, dal.Row, str]:
+def owner_with_a_form(app: Flask) -> tuple[AuthActions, dal.Form, str]:
     """A confirmed owner with a notifying form and one submission; (auth, form, submission)."""
     auth = sign_up(app)
     auth.confirm()
@@ -281,7 +281,7 @@ def test_deleting_a_user_deletes_their_account_emails(app: Flask) -> None:
 
 
 def test_a_delivery_must_belong_to_a_submission_or_a_user(app: Flask) -> None:
-    with app.app_context(), pytest.raises(sa.exc.IntegrityError), dal.transaction() as conn:
+    with app.app_context(), pytest.raises(dal.IntegrityViolation), dal.transaction() as conn:
         conn.execute(
             sa.insert(dal.deliveries).values(kind="email", target="x@example.com", status="pending")
         )

@@ -15,7 +15,7 @@ import services
 from conftest import PASSWORD, AuthActions, csrf_token, message_text, post_form, read_outbox
 
 
-def user_row(app: Flask, email: str = "owner@example.com") -> dal.Row:
+def user_row(app: Flask, email: str = "owner@example.com") -> dal.User:
     """The stored user for ``email``."""
     with app.app_context(), dal.connection() as conn:
         user = dal.user_by_email(conn, email)

@@ -10,7 +10,7 @@ import re
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import jsonschema_rs
@@ -137,7 +137,7 @@ def create_form(client: FlaskClient, who: Owner, **values: Any) -> dict[str, Any
 
 def store_submissions(
     app: Flask, form_id: str, count: int, *, spam: bool = False, data: dict[str, Any] | None = None
-) -> list[dal.Row]:
+) -> list[dal.Submission]:
     """Store submissions directly, oldest first (faster than posting hundreds)."""
     with app.app_context():
         with dal.connection() as conn:
@@ -148,7 +148,7 @@ def store_submissions(
                 dal.insert_submission(
                     conn,
                     {
-                        "public_id": services.new_public_id(),
+                        "public_id": dal.new_public_id(),
                         "form_id": form.id,
                         "data": data or {"n": index},
                         "schema_version": 1,
@@ -319,7 +319,7 @@ def test_tokens_are_stored_as_hashes(app: Flask, owner: Owner) -> None:
     assert TOKEN_RE.fullmatch(owner.token)
     assert row.prefix == owner.token[:12]
     assert row.token_hash == services.hash_api_token(owner.token)
-    assert owner.token not in json.dumps([str(value) for value in row])
+    assert owner.token not in json.dumps([str(value) for value in astuple(row)])
 
 
 # --- the per-token rate limit ----------------------------------------------------------------
@@ -945,7 +945,7 @@ def test_submission_filters(app: Flask, client: FlaskClient, owner: Owner) -> No
         assert response.status_code == 200, response.get_data(as_text=True)
         return [item["id"] for item in response.get_json()["data"]]
 
-    def public(rows: list[dal.Row]) -> list[str]:
+    def public(rows: list[dal.Submission]) -> list[str]:
         return [row.public_id for row in reversed(rows)]
 
     assert ids() == public(old + spam + new)
@@ -962,7 +962,7 @@ def test_submission_filters(app: Flask, client: FlaskClient, owner: Owner) -> No
 
 
 @pytest.fixture
-def paged_form(app: Flask, client: FlaskClient, owner: Owner) -> tuple[str, list[dal.Row]]:
+def paged_form(app: Flask, client: FlaskClient, owner: Owner) -> tuple[str, list[dal.Submission]]:
     """A form with five stored submissions (their ids in the table, oldest first)."""
     form = create_form(client, owner)
     return form["id"], store_submissions(app, form["id"], 5)
@@ -983,7 +983,7 @@ def paged_form(app: Flask, client: FlaskClient, owner: Owner) -> tuple[str, list
 @example(cursor="AAAAAAAAAAAA")
 @example(cursor="____________")
 def test_any_cursor_of_the_documented_pattern_is_a_position(
-    client: FlaskClient, owner: Owner, paged_form: tuple[str, list[dal.Row]], cursor: str
+    client: FlaskClient, owner: Owner, paged_form: tuple[str, list[dal.Submission]], cursor: str
 ) -> None:
     form_id, stored = paged_form
     response = call(

@@ -114,7 +114,7 @@ def seed(app: Flask, user_id: int, webhook_url: str) -> None:
                 submission = dal.insert_submission(
                     conn,
                     {
-                        "public_id": services.new_public_id(),
+                        "public_id": dal.new_public_id(),
                         "form_id": form.id,
                         "data": {"message": f"hello {index}"},
                         "schema_version": 1,

@@ -505,7 +505,7 @@ def test_screenshot_of_a_busy_inbox(page: Any, live: LiveApp) -> None:
                 dal.insert_submission(
                     conn,
                     {
-                        "public_id": services.new_public_id(),
+                        "public_id": dal.new_public_id(),
                         "form_id": form.id,
                         "data": SAMPLE_PEOPLE[n % len(SAMPLE_PEOPLE)],
                         "schema_version": form.schema_version,

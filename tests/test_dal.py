@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from flask import Flask
-from sqlalchemy.exc import IntegrityError
 
 import dal
 import settings
@@ -23,7 +24,7 @@ def test_emails_are_unique(app: Flask) -> None:
     with app.app_context():
         with dal.transaction() as conn:
             dal.insert_user(conn, "a@example.com", "hash")
-        with pytest.raises(IntegrityError), dal.transaction() as conn:
+        with pytest.raises(dal.Duplicate), dal.transaction() as conn:
             dal.insert_user(conn, "a@example.com", "hash")
 
 
@@ -50,7 +51,11 @@ def test_bumping_the_session_version_counts_up(app: Flask) -> None:
 
 
 def test_naive_datetimes_are_refused(app: Flask) -> None:
-    with app.app_context(), pytest.raises(sa.exc.StatementError), dal.transaction() as conn:
+    with (
+        app.app_context(),
+        pytest.raises(dal.DatabaseError, match="naive datetime"),
+        dal.transaction() as conn,
+    ):
         conn.execute(
             sa.insert(dal.users).values(
                 email="n@example.com",
@@ -118,3 +123,75 @@ def test_insert_deliveries_returns_ids_in_the_order_given(app: Flask) -> None:
     assert sub.public_id == "s-order"
     assert sub.data == {"a": "b"}
     assert sub.created_at.tzinfo is not None  # RETURNING gives the row as a SELECT would
+
+
+# --- records: rows leave dal as small typed records -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "table"),
+    [
+        (dal.User, dal.users),
+        (dal.Form, dal.forms),
+        (dal.Submission, dal.submissions),
+        (dal.Delivery, dal.deliveries),
+        (dal.ApiToken, dal.api_tokens),
+    ],
+)
+def test_records_that_mirror_a_table_list_its_columns_in_its_order(
+    record: type, table: sa.Table
+) -> None:
+    # A row of select(table) builds its record by position: a column added to the table and not
+    # to the record, or in another place, would shift every value after it.
+    assert [field.name for field in dataclasses.fields(record)] == list(table.c.keys())
+
+
+def test_rows_leave_dal_as_frozen_records_not_sqlalchemy_rows(app: Flask) -> None:
+    with app.app_context():
+        with dal.transaction() as conn:
+            user = dal.insert_user(conn, "r@example.com", "hash")
+            form = dal.insert_form(conn, user.id, dal.new_public_id(), {"name": "Records"})
+        with dal.connection() as conn:
+            found = [
+                dal.user_by_id(conn, user.id),
+                dal.form_by_public_id(conn, form.public_id),
+                dal.public_view_of_form(conn, form.public_id),
+                *dal.forms_with_counts(conn, user.id),
+            ]
+    assert [type(item) for item in found] == [
+        dal.User,
+        dal.Form,
+        dal.PublicForm,
+        dal.FormWithCounts,
+    ]
+    assert found[0] == user
+    assert found[1] == form
+    assert (found[3].name, found[3].submission_count, found[3].newest_at) == ("Records", 0, None)
+    for item in found:
+        assert not isinstance(item, sa.Row)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            item.id = 0  # type: ignore[misc]
+
+
+# --- errors: SQLAlchemy's become dal's own ------------------------------------------------------
+
+
+def test_a_broken_rule_that_is_not_uniqueness_is_an_integrity_violation(app: Flask) -> None:
+    with (
+        app.app_context(),
+        pytest.raises(dal.IntegrityViolation) as caught,
+        dal.transaction() as conn,
+    ):
+        conn.execute(sa.insert(dal.deliveries).values(kind="email", target="x", status="x"))
+    assert not isinstance(caught.value, dal.Duplicate)
+    assert isinstance(caught.value.__cause__, sa.exc.IntegrityError)  # kept for the logs
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_database_that_cannot_be_opened_is_unavailable(app: Flask, tmp_path: Path) -> None:
+    with app.app_context():
+        dal.database().engine = dal.make_engine(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+        with pytest.raises(dal.DatabaseUnavailable), dal.connection() as conn:
+            dal.user_by_id(conn, 1)
+        with pytest.raises(dal.DatabaseUnavailable), dal.transaction() as conn:
+            dal.insert_user(conn, "u@example.com", "hash")

@@ -45,7 +45,7 @@ def outbox_app(overrides: dict[str, Any], smtp_sink: SMTPSink) -> Flask:
 
 def make_form(
     app: Flask, *, webhook_url: str | None = None, notify: bool = True, confirmed: bool = True
-) -> dal.Row:
+) -> dal.Form:
     """An owner (confirmed unless told otherwise) with one lenient form."""
     with app.app_context():
         with dal.transaction() as conn:
@@ -62,14 +62,14 @@ def make_form(
         return services.owned_form(owner.id, form.public_id)
 
 
-def submit(app: Flask, form: dal.Row, data: dict[str, Any]) -> str:
+def submit(app: Flask, form: dal.Form, data: dict[str, Any]) -> str:
     """Post a JSON submission; the submission's public id."""
     response = app.test_client().post(f"/f/{form.public_id}", json=data)
     assert response.status_code == 201, response.get_data(as_text=True)
     return response.json["id"]
 
 
-def deliveries(app: Flask, kind: str | None = None) -> list[dal.Row]:
+def deliveries(app: Flask, kind: str | None = None) -> list[sa.Row[Any]]:
     """Every delivery row, oldest first (after the deliveries handed off so far settled)."""
     settle_deliveries(app)
     with app.app_context(), dal.connection() as conn:
@@ -353,7 +353,7 @@ def second_receiver() -> Any:
     receiver.server.server_close()
 
 
-def current_form(app: Flask, form: dal.Row) -> dal.Row:
+def current_form(app: Flask, form: dal.Form) -> dal.Form:
     """The form as stored now."""
     with app.app_context():
         return services.owned_form(form.owner_id, form.public_id)

@@ -28,7 +28,6 @@ from test_faults import wait_for
 
 import dal
 import microapp
-import services
 import tasks
 from conftest import (
     PASSWORD,
@@ -138,7 +137,7 @@ def pending_webhook_row(app: Flask, url: str) -> int:
         submission = dal.insert_submission(
             conn,
             {
-                "public_id": services.new_public_id(),
+                "public_id": dal.new_public_id(),
                 "form_id": form.id,
                 "data": {"message": "waiting"},
                 "schema_version": 1,
@@ -149,7 +148,7 @@ def pending_webhook_row(app: Flask, url: str) -> int:
     return delivery_id
 
 
-def form_owner_email(app: Flask, form: dal.Row) -> str:
+def form_owner_email(app: Flask, form: dal.Form) -> str:
     """The address of the form's owner."""
     with app.app_context(), dal.connection() as conn:
         owner = dal.owner_of_form(conn, form.id)

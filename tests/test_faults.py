@@ -161,7 +161,7 @@ def system(
     worker.stop()
 
 
-def make_form(app: Flask, webhook_url: str | None, notify: bool = True) -> dal.Row:
+def make_form(app: Flask, webhook_url: str | None, notify: bool = True) -> dal.Form:
     """A confirmed owner's form with notifications and (optionally) a webhook."""
     with app.app_context():
         with dal.transaction() as conn:

@@ -57,7 +57,7 @@ def app(overrides: dict[str, Any], redis_backend: str) -> Iterator[Flask]:
         dal.database().engine.dispose()
 
 
-def owner_form(app: Flask, **values: Any) -> dal.Row:
+def owner_form(app: Flask, **values: Any) -> dal.Form:
     """An owner's form (notifications off: nothing to enqueue in these tests)."""
     with app.app_context():
         with dal.transaction() as conn:

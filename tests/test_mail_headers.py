@@ -58,7 +58,7 @@ def quiet_app(overrides: dict[str, Any]) -> Flask:
     return app
 
 
-def make_form(app: Flask, name: str = "Contact") -> dal.Row:
+def make_form(app: Flask, name: str = "Contact") -> dal.Form:
     """A confirmed owner with one lenient form that notifies."""
     with app.app_context():
         with dal.transaction() as conn:
@@ -78,7 +78,7 @@ def deliver_newest(app: Flask) -> str:
         return tasks.deliver(row_id)
 
 
-def notify(app: Flask, form: dal.Row, values: dict[str, Any]) -> str:
+def notify(app: Flask, form: dal.Form, values: dict[str, Any]) -> str:
     """Post a submission, then deliver its notification; the task's outcome."""
     response = app.test_client().post(f"/f/{form.public_id}", data=values)
     assert response.status_code == 303, response.get_data(as_text=True)
@@ -389,7 +389,7 @@ def check_notification(raw: bytes, subject: str, expected_reply_to: str | None) 
 _SHARED: dict[str, Any] = {}
 
 
-def shared(overrides: dict[str, Any]) -> tuple[Flask, dal.Row]:
+def shared(overrides: dict[str, Any]) -> tuple[Flask, dal.Form]:
     """One quiet app and form for all examples of a run."""
     key = overrides["instance_path"]
     if _SHARED.get("key") != key:

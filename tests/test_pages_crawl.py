@@ -380,7 +380,7 @@ def _insert(form: Any, when: dt.datetime, spam: bool) -> None:
         dal.insert_submission(
             conn,
             {
-                "public_id": services.new_public_id(),
+                "public_id": dal.new_public_id(),
                 "form_id": form.id,
                 "data": {"message": "hi"},
                 "schema_version": form.schema_version,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 from markupsafe import escape
@@ -117,7 +119,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
         dal.database().engine.dispose()
 
 
-def stored(app: Flask, public_id: str) -> list[dal.Row]:
+def stored(app: Flask, public_id: str) -> list[dal.Submission]:
     """The form's submissions, oldest first."""
     with app.app_context(), dal.connection() as conn:
         form = dal.form_by_public_id(conn, public_id)
@@ -125,7 +127,7 @@ def stored(app: Flask, public_id: str) -> list[dal.Row]:
         return dal.submission_page(conn, form.id, limit=1000, spam=None)[::-1]
 
 
-def deliveries(app: Flask) -> list[dal.Row]:
+def deliveries(app: Flask) -> list[sa.Row[Any]]:
     """Every submission's outbox row (the owner's account emails are left out)."""
     settle_deliveries(app)
     with app.app_context(), dal.connection() as conn:
@@ -892,7 +894,7 @@ def test_submission_stores_a_salted_ip_hash_and_never_the_ip(shared: FormMaker) 
     unsalted = hashlib.sha256(b"203.0.113.7").hexdigest()
     assert first.ip_hash not in unsalted
     for row in (first, second, third):
-        text = json.dumps({k: str(v) for k, v in row._mapping.items()})
+        text = json.dumps({k: str(v) for k, v in dataclasses.asdict(row).items()})
         assert "203.0.113.7" not in text
         assert "198.51.100.2" not in text
     assert (first.user_agent, first.referrer) == ("Agent/1.0", "https://site.example/p")

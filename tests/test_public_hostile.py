@@ -72,7 +72,7 @@ class Site:
             ).scalar_one()
             return rows, cache.read_counter(f"form:{form_id}:honeypot")
 
-    def newest(self, public_id: str) -> dal.Row:
+    def newest(self, public_id: str) -> sa.Row[Any]:
         """The form's newest submission."""
         form_id = self.form_id(public_id)
         with self.app.app_context(), dal.connection() as conn:

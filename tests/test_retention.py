@@ -33,13 +33,13 @@ def make_owner(app: Flask, email: str = "owner@example.com") -> int:
         return dal.insert_user(conn, email, "x").id
 
 
-def add(app: Flask, form: dal.Row, data: dict[str, Any], age_days: float = 0, **meta: Any) -> int:
+def add(app: Flask, form: dal.Form, data: dict[str, Any], age_days: float = 0, **meta: Any) -> int:
     """Store a submission ``age_days`` old with a pending delivery; its id."""
     with app.app_context(), dal.transaction() as conn:
         row = dal.insert_submission(
             conn,
             {
-                "public_id": services.new_public_id(),
+                "public_id": dal.new_public_id(),
                 "form_id": form.id,
                 "data": data,
                 "schema_version": 1,
@@ -61,7 +61,7 @@ def remaining(app: Flask) -> list[int]:
         return sorted(conn.execute(sa.select(dal.submissions.c.id)).scalars())
 
 
-def form_for(app: Flask, owner_id: int, retention_days: int | None) -> dal.Row:
+def form_for(app: Flask, owner_id: int, retention_days: int | None) -> dal.Form:
     """A form with a retention period."""
     with app.app_context():
         return services.create_form(

@@ -36,7 +36,7 @@ def owner(app: Flask, client: FlaskClient, auth: AuthActions) -> dict[str, Any]:
     return {"public_id": response.headers["Location"].rsplit("/", 1)[1]}
 
 
-def latest(app: Flask) -> dal.Row:
+def latest(app: Flask) -> sa.Row[Any]:
     """The newest submission."""
     with app.app_context(), dal.connection() as conn:
         return conn.execute(

@@ -61,7 +61,7 @@ def hanging_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     released.set()
 
 
-def form_row(app: Flask, public_id: str) -> dal.Row:
+def form_row(app: Flask, public_id: str) -> dal.Form:
     """The stored form."""
     with app.app_context(), dal.connection() as conn:
         row = dal.form_by_public_id(conn, public_id)
