@@ -34,8 +34,8 @@ from pydantic.json_schema import models_json_schema
 from werkzeug.exceptions import RequestEntityTooLarge
 
 import dal
-import forms
 import services
+import validation
 from settings import current_settings
 
 log = structlog.get_logger("mailslot.api")
@@ -122,8 +122,8 @@ PUBLIC_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 CURSOR_PATTERN = r"^[A-Za-z0-9_-]{12}$"  # any 12 base64url characters are a position
 _PUBLIC_ID = re.compile(PUBLIC_ID_PATTERN)
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-FieldType = Literal[forms.FIELD_TYPES]  # type: ignore[valid-type]
-FormStatus = Literal[forms.FORM_STATUSES]  # type: ignore[valid-type]
+FieldType = Literal[validation.FIELD_TYPES]  # type: ignore[valid-type]
+FormStatus = Literal[validation.FORM_STATUSES]  # type: ignore[valid-type]
 LARGEST_FLOAT = sys.float_info.max
 
 
@@ -197,7 +197,7 @@ def _field_spec_schema(schema: dict[str, Any], model: Any = None) -> None:
     """A select or radio field needs a choice that is not blank (JSON Schema's if/then)."""
     _tidy_schema(schema, model)
     schema["if"] = {
-        "properties": {"type": {"enum": sorted(forms.CHOICE_TYPES)}},
+        "properties": {"type": {"enum": sorted(validation.CHOICE_TYPES)}},
         "required": ["type"],
     }
     schema["then"] = {
@@ -258,7 +258,7 @@ class SpamRules(ApiInput):
     )
 
 
-NOT_A_CONTROL_FIELD = {"not": {"enum": sorted(forms.CONTROL_FIELDS)}}
+NOT_A_CONTROL_FIELD = {"not": {"enum": sorted(validation.CONTROL_FIELDS)}}
 REDIRECT_URL_TEXT = "Where browsers go after posting (http or https); empty or null: none."
 WEBHOOK_URL_TEXT = (
     "Receives each submission as a signed POST (http or https); empty or null: none. "
@@ -573,7 +573,7 @@ def _owner_id() -> int:
 
 
 _MESSAGES_BY_PATTERN = {
-    FIELD_NAME_PATTERN: forms.MSG_FIELD_NAME,
+    FIELD_NAME_PATTERN: validation.MSG_FIELD_NAME,
     HONEYPOT_PATTERN: "Use letters, digits, _ and - (start with a letter or _).",
     NOT_BLANK: "Give the form a name.",
     ONE_LINE: "Write one rule a line, not an empty one.",
@@ -763,7 +763,7 @@ def _form_values(form: Any) -> dict[str, Any]:
         "id": form.public_id,
         "name": form.name,
         "status": form.status,
-        "fields": [forms.normalise_field_spec(spec) for spec in form.fields or []],
+        "fields": [validation.normalise_field_spec(spec) for spec in form.fields or []],
         "schema_version": form.schema_version,
         "strict": form.strict,
         "redirect_url": form.redirect_url,

@@ -56,6 +56,7 @@ import forms
 import migrate
 import services
 import tasks
+import validation
 from api import api, openapi_document, reference_context
 from settings import (
     Settings,
@@ -618,7 +619,7 @@ def form_settings(public_id: str) -> Any:
         return _render_settings(record)
     form = forms.FormSettingsForm()
     if form.validate_on_submit():
-        clash = forms.honeypot_clash(record.fields or [], form.honeypot_field.data)
+        clash = validation.honeypot_clash(record.fields or [], form.honeypot_field.data)
         if clash is None:
             services.update_form_settings(record, forms.settings_values(form))
             flash("Settings saved.", "success")
@@ -707,7 +708,7 @@ def form_fields(public_id: str) -> Any:
         return render_template("form_fields.html", form=form, record=record)
     if form.validate_on_submit():
         specs = forms.field_specs(form)
-        clash = forms.honeypot_clash(specs, record.honeypot_field)
+        clash = validation.honeypot_clash(specs, record.honeypot_field)
         if clash is None:
             services.save_fields(record, specs)
             flash("Fields saved. The hosted page and validation use them from now on.", "success")
@@ -873,7 +874,7 @@ def _limit_public_bodies(sender: Flask, **_extra: Any) -> None:
 def _read_payload() -> services.Payload:
     """Parse the body of a submission, whatever kind of client sent it."""
     if request.mimetype == "application/json":
-        values, problem = forms.load_json_fields(request.get_data(cache=True))
+        values, problem = validation.load_json_fields(request.get_data(cache=True))
         if problem is not None:
             return services.Payload("unreadable", problem=problem)
         return services.Payload("json", values)
@@ -901,10 +902,10 @@ def _intake(public_id: str, hosted: bool) -> services.IntakeResult:
         services.IntakeRequest(
             public_id=public_id,
             payload=_read_payload(),
-            origin=forms.request_header_text(request.headers.get("Origin")),
-            referrer=forms.request_header_text(request.referrer),
+            origin=validation.request_header_text(request.headers.get("Origin")),
+            referrer=validation.request_header_text(request.referrer),
             client_ip=request.remote_addr,
-            user_agent=forms.request_header_text(request.user_agent.string),
+            user_agent=validation.request_header_text(request.user_agent.string),
             hosted=hosted,
         )
     )
@@ -1050,8 +1051,8 @@ def thanks(public_id: str) -> Any:
 
 def _back_link(record: Any) -> tuple[str, str]:
     """Back to the site the submitter came from when the browser says so, else to the form."""
-    came_from = forms.parse_web_url(forms.request_header_text(request.referrer))
-    here = forms.parse_web_url(request.host_url)
+    came_from = validation.parse_web_url(validation.request_header_text(request.referrer))
+    here = validation.parse_web_url(request.host_url)
     if came_from is not None and (
         here is None or (came_from.host, came_from.port) != (here.host, here.port)
     ):

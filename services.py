@@ -31,9 +31,9 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 import cache
 import dal
-import forms
 import migrate
 import tasks
+import validation
 from settings import current_settings
 
 log = structlog.get_logger("mailslot.services")
@@ -390,7 +390,7 @@ def endpoint_url(form: dal.Form) -> str:
 def install_snippets(form: dal.Form) -> dict[str, str]:
     """Ready-to-paste HTML and fetch() code for this form, and its hosted page link."""
     action = endpoint_url(form)
-    fields = form.fields or forms.DEFAULT_FIELDS
+    fields = form.fields or validation.DEFAULT_FIELDS
     inputs = []
     for spec in fields:
         name = html.escape(spec["name"])
@@ -581,14 +581,14 @@ def _available(form: dal.PublicForm | None) -> dal.PublicForm:
     return form
 
 
-def _on_trusted_site(form: dal.PublicForm, url: forms.WebUrl, *, exact_port: bool) -> bool:
+def _on_trusted_site(form: dal.PublicForm, url: validation.WebUrl, *, exact_port: bool) -> bool:
     """Whether ``url`` is on Mailslot's own site or on one of the form's allowed domains.
 
     An allowed entry that names a port matches that port only. One that names none matches
     any port of its host for the site a post comes from (``exact_port`` False), and only the
     scheme's default port for where a browser is sent (``exact_port`` True).
     """
-    own = forms.parse_web_url(current_settings().base_url)
+    own = validation.parse_web_url(current_settings().base_url)
     if own is not None and (url.host, url.port) == (own.host, own.port):
         return True
     for entry in form.allowed_domains or []:
@@ -598,7 +598,7 @@ def _on_trusted_site(form: dal.PublicForm, url: forms.WebUrl, *, exact_port: boo
         if port:
             if port.isdigit() and int(port) == url.port:
                 return True
-        elif not exact_port or url.port == forms.DEFAULT_PORTS[url.scheme]:
+        elif not exact_port or url.port == validation.DEFAULT_PORTS[url.scheme]:
             return True
     return False
 
@@ -620,7 +620,7 @@ def origin_allowed(form: dal.PublicForm, origin: str | None, referrer: str | Non
         claimed = origin or referrer
     if not claimed:
         return True
-    url = forms.parse_web_url(claimed)
+    url = validation.parse_web_url(claimed)
     return url is not None and _on_trusted_site(form, url, exact_port=False)
 
 
@@ -628,7 +628,7 @@ def cors_origin(form: dal.PublicForm | None, origin: str | None) -> str | None:
     """The Access-Control-Allow-Origin value for this origin, or None to send none."""
     if form is None or not form.allowed_domains:
         return "*"
-    url = forms.parse_web_url(origin)
+    url = validation.parse_web_url(origin)
     if url is not None and _on_trusted_site(form, url, exact_port=False):
         return origin
     return None
@@ -637,11 +637,11 @@ def cors_origin(form: dal.PublicForm | None, origin: str | None) -> str | None:
 def safe_redirect(form: dal.PublicForm, next_url: Any, posted_from: str | None) -> str | None:
     """``_next`` resolved against the posting page, if it stays on a site this form trusts.
 
-    The answer is the URL as parsed and checked (see ``forms.parse_web_url``), never the text
+    The answer is the URL as parsed and checked (see ``validation.parse_web_url``), never the text
     as sent; anything that does not parse is None, and the caller's default applies.
     """
-    page = forms.parse_web_url(posted_from)
-    target = forms.parse_web_url(
+    page = validation.parse_web_url(posted_from)
+    target = validation.parse_web_url(
         next_url, base=page.url if page else current_settings().base_url + "/"
     )
     if target is None:
@@ -673,11 +673,11 @@ def _submission_meta(values: dict[str, Any]) -> dict[str, str]:
     """``_subject`` and ``_replyto`` as stored: each on one line; a subject cut to length, a
     reply-to longer than any address dropped. Junk here never refuses the submission."""
     meta = {}
-    subject = forms.one_line(_control_value(values, "_subject"))
+    subject = validation.one_line(_control_value(values, "_subject"))
     if subject:
         meta["subject"] = subject[:STORED_SUBJECT_MAX_LENGTH]
-    reply_to = forms.one_line(_control_value(values, "_replyto"))
-    if reply_to and len(reply_to) <= forms.EMAIL_ADDRESS_MAX_LENGTH:
+    reply_to = validation.one_line(_control_value(values, "_replyto"))
+    if reply_to and len(reply_to) <= validation.EMAIL_ADDRESS_MAX_LENGTH:
         meta["reply_to"] = reply_to
     return meta
 
@@ -719,7 +719,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
         raise FormUnavailable(
             415, "File uploads are not supported yet. Remove the file field and send again."
         )
-    values = forms.decode_fields(payload.values)
+    values = validation.decode_fields(payload.values)
     posted_from = req.referrer if not req.hosted else None
     redirect_to = (
         safe_redirect(form, _control_value(values, "_next"), posted_from)
@@ -736,9 +736,9 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
         for key, value in values.items()
         if not key.startswith("_") and key != form.honeypot_field and key != "csrf_token"
     }
-    schema = form.fields or (forms.DEFAULT_FIELDS if req.hosted else [])
+    schema = form.fields or (validation.DEFAULT_FIELDS if req.hosted else [])
     conf = current_settings()
-    clean, errors = forms.validate_submission(
+    clean, errors = validation.validate_submission(
         schema,
         data,
         strict=bool(form.strict or req.hosted),
@@ -767,8 +767,8 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
                 "is_spam": is_spam,
                 "spam_reason": "; ".join(text for _, text in reasons) or None,
                 "ip_hash": ip_hash,
-                "user_agent": (forms.one_line(req.user_agent) or "")[:512] or None,
-                "referrer": (forms.one_line(req.referrer) or "")[:2000] or None,
+                "user_agent": (validation.one_line(req.user_agent) or "")[:512] or None,
+                "referrer": (validation.one_line(req.referrer) or "")[:2000] or None,
                 "meta": _submission_meta(values),
             },
         )
@@ -1410,7 +1410,7 @@ def _clean_form_value(key: str, value: Any, errors: dict[str, list[str]]) -> Any
             errors[key] = ["Give the form a name."]
     elif key in ("redirect_url", "webhook_url"):
         value = (value or "").strip() or None
-        if value is not None and not forms.is_http_url(value):
+        if value is not None and not validation.is_http_url(value):
             errors[key] = ["Use a full http:// or https:// address."]
         elif value is not None and key == "webhook_url":
             problem = check_webhook_url(value)
@@ -1420,7 +1420,7 @@ def _clean_form_value(key: str, value: Any, errors: dict[str, list[str]]) -> Any
         hosts: list[str] = []
         for index, entry in enumerate(value):
             try:
-                found = forms.parse_allowed_domains(entry) if "\n" not in entry else None
+                found = validation.parse_allowed_domains(entry) if "\n" not in entry else None
             except ValueError as exc:
                 found, message = None, str(exc)
             else:
@@ -1430,15 +1430,15 @@ def _clean_form_value(key: str, value: Any, errors: dict[str, list[str]]) -> Any
             elif found[0] not in hosts:
                 hosts.append(found[0])
         value = hosts
-    elif key == "honeypot_field" and value in forms.CONTROL_FIELDS:
+    elif key == "honeypot_field" and value in validation.CONTROL_FIELDS:
         errors[key] = [f"'{value}' is already a control field. Choose another name, like _gotcha."]
     elif key == "fields":
-        value, problems = forms.validate_field_specs(value)
+        value, problems = validation.validate_field_specs(value)
         errors.update(problems)
     elif key in ("description", "thanks_message"):
         value = value.strip()
     elif key == "spam_rules":
-        value = forms.spam_rules(
+        value = validation.spam_rules(
             value.get("blocked_words", []), value.get("blocked_email_domains", [])
         )
     return value
@@ -1456,9 +1456,9 @@ def clean_form_input(values: dict[str, Any], current: dal.Form | None = None) ->
         fields = clean.get("fields", current.fields if current is not None else [])
         honeypot = clean.get(
             "honeypot_field",
-            current.honeypot_field if current is not None else forms.DEFAULT_HONEYPOT_FIELD,
+            current.honeypot_field if current is not None else validation.DEFAULT_HONEYPOT_FIELD,
         )
-        clash = forms.honeypot_clash(fields or [], honeypot)
+        clash = validation.honeypot_clash(fields or [], honeypot)
         if clash:
             errors["honeypot_field" if "honeypot_field" in clean else "fields"] = [clash]
     if errors:

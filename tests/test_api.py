@@ -27,9 +27,9 @@ from sqlalchemy.exc import OperationalError
 import api
 import cache
 import dal
-import forms
 import services
 import settings as settings_module
+import validation
 from conftest import AuthActions, WebhookReceiver, post_form, settle_deliveries
 
 TOKEN_RE = re.compile(r"ms_live_[A-Za-z0-9_-]{43}")
@@ -676,7 +676,7 @@ def test_every_url_of_the_pattern_passes_every_check_but_resolution(
 ) -> None:
     assert document_accepts("FormCreate", "webhook_url", url)
     assert api_accepts(api.FormCreate, "webhook_url", url)
-    assert forms.is_http_url(url)
+    assert validation.is_http_url(url)
     public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
     monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: public)
     app.extensions["mailslot.settings"].webhook_allow_private = False
@@ -692,7 +692,7 @@ def test_every_url_of_the_pattern_passes_every_check_but_resolution(
 def test_every_host_of_the_pattern_is_an_allowed_domain(host: str) -> None:
     assert document_accepts("FormCreate", "allowed_domains", [host])
     assert api_accepts(api.FormCreate, "allowed_domains", [host])
-    assert forms.parse_allowed_domains(host) == [host.lower()]
+    assert validation.parse_allowed_domains(host) == [host.lower()]
 
 
 @pytest.mark.parametrize(
@@ -1398,7 +1398,7 @@ _field_specs = st.lists(
     st.fixed_dictionaries(
         {"name": st.from_regex(r"[A-Za-z][A-Za-z0-9_-]{0,8}", fullmatch=True) | _json},
         optional={
-            "type": st.sampled_from(forms.FIELD_TYPES) | _json,
+            "type": st.sampled_from(validation.FIELD_TYPES) | _json,
             "label": st.text(max_size=40) | _json,
             "required": st.booleans() | _json,
             "max_length": st.integers(-5, 20_000) | _json,
