@@ -37,7 +37,7 @@ test *args: sync
 
 # Run a Celery worker with beat, for connected mode (needs REDIS_URL).
 worker: sync
-    uv run --locked celery -A tasks worker -B --loglevel INFO
+    uv run --locked celery -A microapp.celery_app worker -B --loglevel INFO
 
 # A private redis-server on its own port for local connected mode; stop it with Ctrl-C.
 redis:

@@ -249,7 +249,7 @@ def create_app(**overrides: Any) -> Flask:
     app.extensions["mailslot.settings"] = settings
     dal.init_app(app, settings)
     cache.init_app(app, settings)
-    tasks.celery_init_app(app, settings)
+    tasks.celery_init_app(app)
     csrf.init_app(app)
 
     app.url_map.converters["pid"] = PublicIdConverter
@@ -1173,29 +1173,6 @@ def _stop_serving(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def _start_embedded_sweeper(app: Flask, interval: int, stop: threading.Event) -> threading.Thread:
-    """With no worker to run beat, hand the outbox sweep to the delivery threads now and every
-    ``interval`` seconds, and the retention purge daily, until ``stop`` is set."""
-
-    def sweep_forever() -> None:
-        last_purge: float | None = None
-        while True:
-            try:
-                with app.app_context():
-                    tasks.enqueue(tasks.sweep_outbox)
-                    if last_purge is None or time.monotonic() - last_purge > 24 * 3600:
-                        tasks.enqueue(tasks.purge_retention)
-                        last_purge = time.monotonic()
-            except Exception:
-                log.exception("outbox.sweep_failed")
-            if stop.wait(interval):
-                return
-
-    thread = threading.Thread(target=sweep_forever, name="outbox-sweeper", daemon=True)
-    thread.start()
-    return thread
-
-
 def _register_cli(app: Flask) -> None:
     """Commands run as ``flask --app microapp <command>``."""
 
@@ -1230,7 +1207,7 @@ def _register_cli(app: Flask) -> None:
     @app.cli.command("purge")
     def purge_command() -> None:
         """Delete submissions past their form's retention period (idempotent)."""
-        click.echo(f"Purged {services.purge_expired()} expired submissions.")
+        click.echo(f"Purged {tasks.purge_expired()} expired submissions.")
 
     @app.cli.command("serve")
     @click.option("--host", default=None, help="Address to bind (default: HOST).")
@@ -1256,7 +1233,7 @@ def _register_cli(app: Flask) -> None:
             )
         stop_sweeping = threading.Event()
         if settings.embedded:
-            _start_embedded_sweeper(app, settings.sweep_interval, stop_sweeping)
+            tasks.start_embedded_sweeper(app, settings.sweep_interval, stop_sweeping)
         signal.signal(signal.SIGTERM, _stop_serving)
         warnings = services.log_broker_warnings()  # here, not in create_app: that stays offline
         log.info("serve", url=f"http://{host}:{port}", mode=settings.mode, warnings=len(warnings))
@@ -1268,3 +1245,21 @@ def _register_cli(app: Flask) -> None:
             stop_sweeping.set()
             handed_over = tasks.hand_over(app, timeout=5)
             log.info("serve.stopped", deliveries_handed_over=handed_over)
+
+
+# =================================================================================================
+# The worker's entry point
+# =================================================================================================
+
+
+def __getattr__(name: str) -> Any:
+    """``celery -A microapp.celery_app worker`` looks up ``microapp.celery_app``: the Flask app,
+    and its Celery app with it, are built then, once, and never when the web imports this."""
+    if name != "celery_app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    app = create_app()
+    with app.app_context():
+        services.log_broker_warnings()  # the worker's start; create_app itself stays offline
+    celery_app = app.extensions["celery"]
+    globals()["celery_app"] = celery_app
+    return celery_app

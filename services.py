@@ -12,17 +12,13 @@ import hashlib
 import hmac
 import html
 import io
-import ipaddress
 import json
 import re
 import secrets
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 from flask import current_app
@@ -31,6 +27,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 import cache
 import dal
+import delivery
 import migrate
 import tasks
 import validation
@@ -81,7 +78,7 @@ def sign_up(email: str, password: str) -> None:
     else:
         log.info("account.created", user=user.id)
     if delivery_id is not None:
-        dispatch_deliveries([(delivery_id, 0)])
+        tasks.dispatch_deliveries([(delivery_id, 0)])
 
 
 def _tell_existing_owner(email: str) -> int | None:
@@ -107,12 +104,12 @@ def queue_account_email(
     to: str | None = None,
     params: dict[str, Any] | None = None,
 ) -> int:
-    """Put one account email (a key of tasks.ACCOUNT_EMAILS) in the outbox, in the caller's
+    """Put one account email (a key of delivery.ACCOUNT_EMAILS) in the outbox, in the caller's
     transaction, to the account's address unless ``to`` says otherwise; its delivery id.
 
     The caller hands the id to ``dispatch_deliveries`` after the commit.
     """
-    if template not in tasks.ACCOUNT_EMAILS:
+    if template not in delivery.ACCOUNT_EMAILS:
         raise ValueError(f"no account email called {template!r}")
     return dal.insert_account_delivery(conn, user.id, template, to or user.email, params)
 
@@ -177,17 +174,6 @@ def user_for_session(user_id: Any, version: Any) -> dal.User | None:
     return user
 
 
-def _confirm_serializer() -> URLSafeTimedSerializer:
-    """Signs email-confirmation tokens with the app's secret."""
-    return URLSafeTimedSerializer(current_app.secret_key, salt="mailslot.confirm-email")
-
-
-def confirmation_link(user_id: int, email: str) -> str:
-    """A signed, expiring link that confirms this address for this owner (made at send time)."""
-    token = _confirm_serializer().dumps({"uid": user_id, "email": email})
-    return f"{current_settings().base_url}/confirm/{token}"
-
-
 def send_confirmation(user_id: int) -> bool:
     """Queue a new confirmation email; False when the address is already confirmed.
 
@@ -204,7 +190,7 @@ def send_confirmation(user_id: int) -> bool:
         raise RateLimited(state.retry_after)
     with dal.transaction() as conn:
         delivery_id = queue_account_email(conn, user, "confirm_email")
-    dispatch_deliveries([(delivery_id, 0)])
+    tasks.dispatch_deliveries([(delivery_id, 0)])
     return True
 
 
@@ -233,7 +219,9 @@ def account_emails(user_id: int) -> list[AccountEmailRecord]:
     return [
         AccountEmailRecord(
             id=row.id,
-            label=spec.label if (spec := tasks.ACCOUNT_EMAILS.get(row.template)) else row.template,
+            label=spec.label
+            if (spec := delivery.ACCOUNT_EMAILS.get(row.template))
+            else row.template,
             target=row.target,
             status=row.status,
             attempts=row.attempts,
@@ -252,14 +240,14 @@ def replay_account_email(user_id: int, delivery_id: int) -> bool:
         replayed = row is not None and dal.requeue_delivery(conn, delivery_id)
     if replayed:
         log.info("account_email.replayed", user=user_id, delivery_id=delivery_id)
-        dispatch_deliveries([(delivery_id, row.attempts)])
+        tasks.dispatch_deliveries([(delivery_id, row.attempts)])
     return replayed
 
 
 def confirm_email(token: str) -> str:
     """Check a confirmation token: 'confirmed', 'already', 'expired' or 'invalid'."""
     try:
-        payload = _confirm_serializer().loads(
+        payload = delivery.confirm_serializer().loads(
             token, max_age=current_settings().confirm_token_max_age
         )
     except SignatureExpired:
@@ -371,7 +359,7 @@ def mark_spam(submission: dal.Submission, is_spam: bool) -> None:
         released = [] if is_spam else dal.release_spam_deliveries(conn, submission.id)
     cache.forget_form_numbers(submission.form_id)
     log.info("submission.marked", submission=submission.public_id, spam=is_spam)
-    dispatch_deliveries([(delivery_id, 0) for delivery_id in released])  # never attempted
+    tasks.dispatch_deliveries([(delivery_id, 0) for delivery_id in released])  # never attempted
 
 
 def delete_submission(submission: dal.Submission) -> None:
@@ -777,7 +765,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
         "submission.stored", form=form.public_id, submission=submission.public_id, spam=is_spam
     )
     if not is_spam:
-        dispatch_deliveries([(delivery_id, 0) for delivery_id in delivery_ids])
+        tasks.dispatch_deliveries([(delivery_id, 0) for delivery_id in delivery_ids])
     return IntakeResult(
         form,
         "stored",
@@ -800,12 +788,6 @@ def _queue_deliveries(conn: Any, form: Any, submission: dal.Submission, *, held:
     if form.webhook_url:
         targets.append(("webhook", form.webhook_url))
     return dal.insert_deliveries(conn, submission.id, targets, "held" if held else "pending")
-
-
-def dispatch_deliveries(tickets: list[tuple[int, int]]) -> None:
-    """Hand committed outbox rows, as (id, attempts so far), to the workers; rows that fail to
-    enqueue wait for the sweeper."""
-    tasks.enqueue_soon(tasks.deliver, tickets)
 
 
 # =================================================================================================
@@ -964,7 +946,7 @@ def replay_delivery(submission: dal.Submission, delivery_id: int) -> bool:
         replayed = row is not None and dal.requeue_delivery(conn, delivery_id)
     if replayed:
         log.info("delivery.replayed", submission=submission.public_id, delivery_id=delivery_id)
-        dispatch_deliveries([(delivery_id, row.attempts)])
+        tasks.dispatch_deliveries([(delivery_id, row.attempts)])
     return replayed
 
 
@@ -982,24 +964,22 @@ def new_webhook_secret() -> str:
 def check_webhook_url(url: str) -> str | None:
     """Why this URL cannot be a webhook target, or None when it can."""
     try:
-        resolve_webhook_target(
+        delivery.resolve_webhook_target(
             url,
             current_settings().webhook_allow_private,
             dns_timeout=current_settings().webhook_dns_timeout,
         )
-    except BlockedAddress as exc:
+    except delivery.BlockedAddress as exc:
         return str(exc)
     return None
-
-
-WEBHOOK_REMOVED = "cancelled: the form's webhook was removed"
 
 
 def set_webhook(form: dal.Form, url: str | None) -> str | None:
     """Set or remove the form's webhook; the new signing secret when a first URL made one.
 
     Deliveries still to send follow the change: they go to the new URL, or, when the webhook is
-    removed, they are cancelled (dead, with WEBHOOK_REMOVED as their error, and replayable).
+    removed, they are cancelled (dead, with delivery.WEBHOOK_REMOVED as their error, and
+    replayable).
     """
     values = _webhook_values(form, url)
     with cache.form_write(form.public_id) as conn:
@@ -1022,7 +1002,7 @@ def _follow_webhook_change(conn: Any, form: dal.Form, url: str | None) -> None:
     if url == form.webhook_url:
         return
     if url is None:
-        dal.cancel_webhook_deliveries(conn, form.id, WEBHOOK_REMOVED)
+        dal.cancel_webhook_deliveries(conn, form.id, delivery.WEBHOOK_REMOVED)
     else:
         dal.retarget_webhook_deliveries(conn, form.id, url)
 
@@ -1065,240 +1045,18 @@ def send_test_event(form: dal.Form) -> str:
     ).encode()
     timeout = current_settings().webhook_test_timeout
     try:
-        status, _ = tasks.post_webhook(
+        status, _ = delivery.post_webhook(
             form.webhook_url,
             form.webhook_secret,
             f"msg_test_{dal.new_public_id()}",
             body,
             timeouts=(timeout, timeout),
         )
-    except (tasks.PermanentFailure, tasks.TemporaryFailure) as exc:
+    except (delivery.PermanentFailure, delivery.TemporaryFailure) as exc:
         return f"The test event failed: {exc}."
     if 200 <= status < 300:
         return f"The receiver answered {status}: the webhook works."
     return f"The receiver answered {status}; only 2xx answers count as delivered."
-
-
-def sign_webhook(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
-    """The Standard Webhooks signature: v1,base64(HMAC-SHA256(key, "id.timestamp.body"))."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    signed = f"{message_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-
-
-class BlockedAddress(ValueError):
-    """A webhook URL that is not http(s) or resolves to a non-public address."""
-
-
-class HostNotResolved(BlockedAddress):
-    """The webhook's host name gave no address in time: worth trying again later."""
-
-
-# How the webhook check sorts an address: "public" passes, "private" (loopback, the private and
-# shared ranges) passes only with WEBHOOK_ALLOW_PRIVATE, "blocked" never does. Python's is_global
-# is the base; the lists add what it gets wrong or what no webhook receiver can be (multicast,
-# site-local, 6to4 relays, the IPv6 ranges that are not global unicast, ...).
-PUBLIC, PRIVATE, BLOCKED = "public", "private", "blocked"
-_SEVERITY = {PUBLIC: 0, PRIVATE: 1, BLOCKED: 2}
-_PRIVATE_V4 = [
-    ipaddress.IPv4Network(net)
-    for net in ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
-]
-_BLOCKED_V4 = [
-    ipaddress.IPv4Network(net)
-    for net in (
-        "0.0.0.0/8", "169.254.0.0/16", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24",
-        "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
-    )
-]  # fmt: skip
-_PRIVATE_V6 = [ipaddress.IPv6Network(net) for net in ("::1/128", "fc00::/7", "64:ff9b:1::/48")]
-_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
-_BLOCKED_V6 = [
-    ipaddress.IPv6Network(net)
-    # IETF protocol assignments (Teredo, benchmarking, ORCHID...), documentation, SRv6 SIDs
-    for net in ("2001::/23", "2001:db8::/32", "3fff::/20", "5f00::/16")
-]
-# IPv6 prefixes that only carry an IPv4 address (to a translator): judged by that address alone.
-_CARRIERS_V6 = [
-    ipaddress.IPv6Network(net) for net in ("::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96")
-]
-_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible (RFC 4291)
-_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215
-_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
-_TEREDO = ipaddress.IPv6Network("2001::/32")
-
-
-def _ipv4_class(ip: ipaddress.IPv4Address) -> str:
-    """PUBLIC, PRIVATE or BLOCKED for an IPv4 address."""
-    if any(ip in net for net in _PRIVATE_V4):
-        return PRIVATE
-    if any(ip in net for net in _BLOCKED_V4) or not ip.is_global:
-        return BLOCKED
-    return PUBLIC
-
-
-def _ipv6_own_class(ip: ipaddress.IPv6Address) -> str:
-    """PUBLIC, PRIVATE or BLOCKED for an IPv6 address itself, leaving out what it carries."""
-    if any(ip in net for net in _CARRIERS_V6):
-        return PUBLIC
-    if any(ip in net for net in _PRIVATE_V6):
-        return PRIVATE
-    if (
-        ip not in _GLOBAL_UNICAST  # multicast, link- and site-local, ::/8, unassigned space
-        or any(ip in net for net in _BLOCKED_V6)
-        or not ip.is_global
-    ):
-        return BLOCKED
-    return PUBLIC
-
-
-def _low32(value: int) -> ipaddress.IPv4Address:
-    """The IPv4 address in the low 32 bits of ``value``."""
-    return ipaddress.IPv4Address(value & 0xFFFF_FFFF)
-
-
-def embedded_ipv4_addresses(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """Every IPv4 address an IPv6 address carries to a translator or tunnel, by its prefix.
-
-    IPv4-mapped, -translated and -compatible and the NAT64 well-known prefix carry it in the low
-    32 bits. The NAT64 local-use prefix may be cut at /48, /56, /64 or /96 (RFC 6052 section 2.2)
-    and the address does not say which: each position is read and each is judged. 6to4 carries
-    it in bits 16-47; Teredo carries its server in bits 32-63 and the client, inverted, last.
-    """
-    value = int(ip)
-    if any(ip in net for net in _CARRIERS_V6):
-        return [_low32(value)]
-    if ip in _COMPATIBLE:
-        return [_low32(value)] if value > 1 else []  # :: and ::1 are not compatible addresses
-    if ip in _NAT64_LOCAL:
-        return [
-            _low32((value >> 64 & 0xFFFF) << 16 | value >> 40 & 0xFFFF),  # /48
-            _low32((value >> 64 & 0xFF) << 24 | value >> 32 & 0xFF_FFFF),  # /56
-            _low32(value >> 24),  # /64
-            _low32(value),  # /96
-        ]
-    if ip in _SIX_TO_FOUR:
-        return [_low32(value >> 80)]
-    if ip in _TEREDO:
-        return [_low32(value >> 64), _low32(~value)]
-    return []
-
-
-def address_class(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """PUBLIC, PRIVATE or BLOCKED: the worst of the address and every IPv4 address it carries."""
-    if isinstance(ip, ipaddress.IPv4Address):
-        return _ipv4_class(ip)
-    verdicts = [_ipv6_own_class(ip)] + [_ipv4_class(v4) for v4 in embedded_ipv4_addresses(ip)]
-    return max(verdicts, key=_SEVERITY.__getitem__)
-
-
-# A hanging resolver must not hold a web thread: lookups run on daemon threads that the caller
-# waits for only so long. Those still stuck when every slot is taken make new lookups fail fast.
-_DNS_SLOTS = threading.BoundedSemaphore(16)
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
-
-
-def _resolve(host: str, port: int, timeout: float) -> list[str]:
-    """The addresses ``host`` resolves to, waiting at most ``timeout`` seconds for DNS."""
-    if not _DNS_SLOTS.acquire(blocking=False):
-        raise HostNotResolved(f"the DNS lookup for {host!r} is still waiting; try again")
-    outcome: dict[str, Any] = {}
-    done = threading.Event()
-
-    def lookup() -> None:
-        """Resolve on this thread; the caller may have stopped waiting."""
-        try:
-            outcome["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            outcome["error"] = exc
-        finally:
-            _DNS_SLOTS.release()
-            done.set()
-
-    threading.Thread(target=lookup, name="mailslot-dns", daemon=True).start()
-    if not done.wait(timeout):
-        raise HostNotResolved(
-            f"the DNS lookup for {host!r} took longer than {timeout:g} s; try again"
-        )
-    if "error" in outcome:
-        raise HostNotResolved(f"the host {host!r} does not resolve")
-    return list(dict.fromkeys(info[4][0] for info in outcome["infos"]))
-
-
-def _literal_address(host: str, bracketed: bool) -> str | None:
-    """The address a numeric host stands for, in any spelling inet_aton accepts; None for names."""
-    if bracketed:
-        if "%" in host:
-            raise BlockedAddress("the webhook URL must not name an IPv6 zone (%)")
-        try:
-            return str(ipaddress.IPv6Address(host))
-        except ValueError:
-            raise BlockedAddress(f"{host!r} is not a valid IPv6 address") from None
-    try:
-        return socket.inet_ntoa(socket.inet_aton(host.removesuffix(".")))
-    except OSError:
-        return None
-
-
-@dataclass(frozen=True)
-class WebhookTarget:
-    """Where a checked webhook URL points: scheme, ASCII host name, port, path with query."""
-
-    scheme: str
-    host: str
-    port: int
-    path: str
-
-
-def resolve_webhook_target(
-    url: str, allow_private: bool, dns_timeout: float
-) -> tuple[WebhookTarget, list[str]]:
-    """Check a webhook URL and resolve it; every address it stands for must be allowed.
-
-    The caller connects to one of the returned addresses and never resolves the name again,
-    so a name that changes its answer after the check (DNS rebinding) cannot redirect it.
-    Numeric hosts in every spelling (127.1, 0x7f.1, 2130706433, full-width digits) are parsed
-    here, never looked up.
-    """
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise BlockedAddress(
-            "the webhook URL is not a valid URL (check its host and port)"
-        ) from None
-    if parts.scheme not in ("http", "https"):
-        raise BlockedAddress("only http:// and https:// webhook URLs are allowed")
-    if "@" in parts.netloc or not parts.hostname:
-        raise BlockedAddress("the webhook URL needs a host name and no user name or password")
-    if port is None:
-        port = 443 if parts.scheme == "https" else 80
-    elif port == 0:
-        raise BlockedAddress("the webhook URL has an invalid port")
-    bracketed = parts.netloc.startswith("[")
-    host = parts.hostname
-    if not bracketed:
-        try:
-            host = host.encode("idna").decode("ascii").lower()
-        except UnicodeError:
-            raise BlockedAddress(f"{parts.hostname!r} is not a valid host name") from None
-        if not _HOST_NAME.fullmatch(host):
-            raise BlockedAddress(f"{parts.hostname!r} is not a valid host name")
-    name = host.removesuffix(".")
-    if not allow_private and (name == "localhost" or name.endswith(".localhost")):
-        raise BlockedAddress(f"{host!r} always means this machine (a loopback name)")  # RFC 6761
-    literal = _literal_address(host, bracketed)
-    addresses = [literal] if literal else _resolve(host, port, dns_timeout)
-    if not addresses:
-        raise HostNotResolved(f"the host {host!r} does not resolve")
-    allowed = (PUBLIC, PRIVATE) if allow_private else (PUBLIC,)
-    for address in addresses:
-        if address_class(ipaddress.ip_address(address.split("%", 1)[0])) not in allowed:
-            where = f"{address} is" if literal else f"the host {host!r} resolves to {address},"
-            raise BlockedAddress(f"{where} a private or reserved address")
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return WebhookTarget(parts.scheme, host, port, path), addresses
 
 
 CHART_DAYS = 30
@@ -1565,28 +1323,6 @@ def replay_owned_delivery(submission: dal.Submission, delivery_id: int) -> dal.D
 # =================================================================================================
 # Retention and erasure
 # =================================================================================================
-
-PURGE_BATCH = 1000
-
-
-def purge_expired(now: dt.datetime | None = None) -> int:
-    """Delete submissions older than their form's retention period; safe to run any time."""
-    now = now or dal.utcnow()
-    total = 0
-    with dal.connection() as conn:
-        targets = dal.forms_with_retention(conn)
-    for form_id, retention_days in targets:
-        cutoff = now - dt.timedelta(days=retention_days)
-        while True:
-            with dal.transaction() as conn:
-                deleted = dal.purge_before(conn, form_id, cutoff, PURGE_BATCH)
-            total += deleted
-            if deleted < PURGE_BATCH:
-                break
-        cache.forget_form_numbers(form_id)
-    if total:
-        log.info("retention.purged", submissions=total)
-    return total
 
 
 def _mentions(value: Any, address: str) -> bool:

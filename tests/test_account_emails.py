@@ -266,7 +266,7 @@ def test_retention_and_erasure_leave_account_emails_alone(app: Flask) -> None:
     with app.app_context():
         services.update_form_settings(form, {"retention_days": 1})
         later = dal.utcnow() + dt.timedelta(days=3)
-        assert services.purge_expired(later) == 1
+        assert tasks.purge_expired(later) == 1
         assert services.erase_person(form.owner_id, "owner@example.com") == 0
     assert [(r.template, r.submission_id) for r in rows(app)] == [("confirm_email", None)]
 

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 import dal
+import delivery
 import microapp
 import services
 import tasks
@@ -184,7 +185,7 @@ def test_header_injection_through_replyto_yields_one_recipient_and_no_bcc(
 def test_reply_to_is_used_only_when_it_is_one_address(
     meta: dict[str, Any], data: dict[str, Any], expected: str | None
 ) -> None:
-    assert tasks.reply_to_address(meta, data) == expected
+    assert delivery.reply_to_address(meta, data) == expected
 
 
 def test_permanent_smtp_refusal_goes_dead_at_once(outbox_app: Flask, smtp_sink: SMTPSink) -> None:
@@ -244,7 +245,7 @@ def test_smtp_connection_refused_is_retried_then_dead_after_the_last_attempt(
 
 
 def test_signature_matches_the_standard_webhooks_vector() -> None:
-    signature = services.sign_webhook(
+    signature = delivery.sign_webhook(
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         "msg_p5jXN8AQM9LWM0D4loKWxJek",
         1614265330,
@@ -289,7 +290,7 @@ def test_webhook_500_500_timeout_200_takes_four_attempts_then_done(
 ) -> None:
     webhook_receiver.script = [500, 500, "timeout", 200]
     clock = itertools.count(1_800_000_000, 60)
-    monkeypatch.setattr(tasks.time, "time", lambda: next(clock))
+    monkeypatch.setattr(delivery.time, "time", lambda: next(clock))
     form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
     submit(outbox_app, form, {"message": "x"})
     row_id = deliveries(outbox_app)[0].id

@@ -336,7 +336,7 @@ def test_the_sweeper_hands_due_rows_to_the_delivery_threads(
 ) -> None:
     pending_webhook_row(app, webhook_receiver.url)  # stored, handed to nobody
     stop = threading.Event()
-    microapp._start_embedded_sweeper(app, 3600, stop)
+    tasks.start_embedded_sweeper(app, 3600, stop)
     try:
         wait_for(lambda: statuses(app) == [("webhook", "done", 1)], 60, "not swept")
     finally:

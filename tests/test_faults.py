@@ -85,7 +85,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 class Worker:
-    """A real `celery -A tasks worker -B` subprocess sharing the test's database."""
+    """A real `celery -A microapp.celery_app worker -B` subprocess sharing the test's database."""
 
     def __init__(self, env: dict[str, str], workdir: Path) -> None:
         self.env = env
@@ -98,8 +98,8 @@ class Worker:
         self.starts += 1
         log = (self.workdir / f"worker-{self.starts}.log").open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-B", "--pool", "solo",
-             "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+            [sys.executable, "-m", "celery", "-A", "microapp.celery_app", "worker", "-B",
+             "--pool", "solo", "--without-gossip", "--without-mingle", "--loglevel", "INFO",
              "-s", str(self.workdir / f"beat-{self.starts}")],
             cwd=PROJECT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: beat runs in a child process

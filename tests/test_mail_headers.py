@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import dal
+import delivery
 import microapp
 import services
 import tasks
@@ -212,7 +213,7 @@ def test_a_form_name_with_line_breaks_is_one_line_in_the_default_subject(
         ("bidi \u202etxt.exe", "bidi txt.exe"),
         ("lone \ud800 surrogate", "lone surrogate"),
         ("e\u0301", "é"),  # NFC
-        ("x" * 500, "x" * tasks.SUBJECT_MAX_LENGTH),
+        ("x" * 500, "x" * delivery.SUBJECT_MAX_LENGTH),
         ("\r\n\t ", None),
         ("=?utf-8?q?=0D=0A?=", None),
         (None, None),
@@ -220,7 +221,7 @@ def test_a_form_name_with_line_breaks_is_one_line_in_the_default_subject(
     ],
 )
 def test_header_text_decodes_then_flattens_to_one_line(value: Any, expected: str | None) -> None:
-    assert tasks.header_text(value) == expected
+    assert delivery.header_text(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -254,7 +255,7 @@ def test_header_text_decodes_then_flattens_to_one_line(value: Any, expected: str
     ],
 )
 def test_header_address_accepts_exactly_one_plain_address(value: Any, expected: str | None) -> None:
-    assert tasks.header_address(value) == expected
+    assert delivery.header_address(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -267,7 +268,7 @@ def test_header_address_accepts_exactly_one_plain_address(value: Any, expected: 
     ],
 )
 def test_sender_keeps_a_display_name_flattened(mail_from: str, name: str, address: str) -> None:
-    sender = tasks.sender_address(mail_from)
+    sender = delivery.sender_address(mail_from)
     assert sender is not None
     assert (sender.display_name, sender.addr_spec) == (name, address)
 
@@ -283,7 +284,7 @@ def test_sender_keeps_a_display_name_flattened(mail_from: str, name: str, addres
     ],
 )
 def test_an_unusable_mail_from_is_refused(mail_from: str) -> None:
-    assert tasks.sender_address(mail_from) is None
+    assert delivery.sender_address(mail_from) is None
 
 
 def test_the_serialised_check_refuses_a_message_with_an_extra_header(app: Flask) -> None:
@@ -293,8 +294,8 @@ def test_the_serialised_check_refuses_a_message_with_an_extra_header(app: Flask)
     message["To"] = "b@example.org"
     message["Subject"] = INJECTED_SUBJECT
     message.set_content("x")
-    with pytest.raises(tasks.UnsafeMessage, match="bcc"):
-        tasks.check_serialised(message)
+    with pytest.raises(delivery.UnsafeMessage, match="bcc"):
+        delivery.check_serialised(message)
 
 
 # --- properties ---------------------------------------------------------------------------------
@@ -424,24 +425,24 @@ def test_no_submitted_value_adds_a_header_to_the_notification(
                 dal.submissions.c.id.desc()
             )
         ).first()
-    expected_subject = tasks.header_text(meta.get("subject")) or "New submission: Contact"
-    expected_reply_to = tasks.reply_to_address(meta, data)
+    expected_subject = delivery.header_text(meta.get("subject")) or "New submission: Contact"
+    expected_reply_to = delivery.reply_to_address(meta, data)
     check_notification(sent_bytes(app), expected_subject, expected_reply_to)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=st.one_of(HOSTILE, st.text()))
 def test_header_values_are_fixed_points_with_no_breaks(value: str) -> None:
-    text = tasks.header_text(value)
+    text = delivery.header_text(value)
     if text is not None:
-        assert text == tasks.header_text(text)
+        assert text == delivery.header_text(text)
         assert text == str(email.policy.default.header_factory("subject", text))
         assert not any(unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") for ch in text)
         assert "\n" not in text
         assert text.strip() == text
-        assert 0 < len(text) <= tasks.SUBJECT_MAX_LENGTH
+        assert 0 < len(text) <= delivery.SUBJECT_MAX_LENGTH
         assert "=?" not in text
-    address = tasks.header_address(value)
+    address = delivery.header_address(value)
     if address is not None:
         assert address.isascii()
         assert address.isprintable()
@@ -471,12 +472,12 @@ def test_building_a_notification_never_raises_and_adds_no_header(
         created_at=dal.utcnow(),
     )
     with app.app_context():
-        tasks.send_notification(context)
-    fallback = tasks.header_text(f"New submission: {form_name}") or "New submission"
+        delivery.send_notification(context)
+    fallback = delivery.header_text(f"New submission: {form_name}") or "New submission"
     check_notification(
         sent_bytes(app),
-        tasks.header_text(subject) or fallback,
-        tasks.header_address(reply_to),
+        delivery.header_text(subject) or fallback,
+        delivery.header_address(reply_to),
     )
 
 

@@ -16,6 +16,7 @@ from flask.testing import FlaskClient
 
 import dal
 import services
+import tasks
 from conftest import AuthActions, post_form
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -80,7 +81,7 @@ def test_purge_deletes_only_what_is_past_each_forms_retention(app: Flask) -> Non
     fresh = add(app, short, {"n": 3}, age_days=0)
     ancient = add(app, forever, {"n": 4}, age_days=3000)
     with app.app_context():
-        assert services.purge_expired() == 1
+        assert tasks.purge_expired() == 1
     assert remaining(app) == sorted([edge, fresh, ancient])
     assert old not in remaining(app)
     with app.app_context(), dal.connection() as conn:
@@ -107,13 +108,13 @@ def test_purge_is_idempotent(app: Flask, runner: Any) -> None:
 def test_purge_works_through_large_backlogs_in_batches(
     app: Flask, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(services, "PURGE_BATCH", 4)
+    monkeypatch.setattr(tasks, "PURGE_BATCH", 4)
     owner = make_owner(app)
     form = form_for(app, owner, 1)
     for n in range(10):
         add(app, form, {"n": n}, age_days=5)
     with app.app_context():
-        assert services.purge_expired() == 10
+        assert tasks.purge_expired() == 10
 
 
 def test_purge_task_called_directly(app: Flask) -> None:
