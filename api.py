@@ -35,6 +35,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 import dal
 import services
+import users
 import validation
 from settings import current_settings
 
@@ -544,7 +545,7 @@ def _authenticate() -> None:
     if request.endpoint in _OPEN_ENDPOINTS:
         return
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    token = services.api_token_owner(credentials.strip()) if scheme.lower() == "bearer" else None
+    token = users.api_token_owner(credentials.strip()) if scheme.lower() == "bearer" else None
     if token is None:
         challenge = 'Bearer realm="mailslot"'
         if credentials:
@@ -556,7 +557,7 @@ def _authenticate() -> None:
             "Create one on your account's API tokens page.",
             headers={"WWW-Authenticate": challenge},
         )
-    retry_after = services.api_rate_limit(token.id)
+    retry_after = users.api_rate_limit(token.id)
     if retry_after is not None:
         raise ApiError(
             429,

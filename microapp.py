@@ -53,9 +53,11 @@ from wtforms.validators import ValidationError as FormValidationError
 import cache
 import dal
 import forms
+import intake
 import migrate
 import services
 import tasks
+import users
 import validation
 from api import api, openapi_document, reference_context
 from settings import (
@@ -306,8 +308,8 @@ def _frame_ancestors() -> str:
     form = g.get("public_form")
     if form is None:  # the view did not run (a CSRF failure): its answer still shows in the frame
         try:
-            form = services.public_form((request.view_args or {}).get("public_id", ""))
-        except services.FormUnavailable:
+            form = intake.public_form((request.view_args or {}).get("public_id", ""))
+        except intake.FormUnavailable:
             return "'none'"
     if not form.allowed_domains:
         return "*"  # no list means "any site may post", so any site may embed the page too
@@ -363,7 +365,7 @@ def _load_user() -> None:
     user_id, version = session.get("uid"), session.get("sv")
     if user_id is None:
         return
-    user = services.user_for_session(user_id, version)
+    user = users.user_for_session(user_id, version)
     if user is None:
         session.clear()
     g.user = user
@@ -419,11 +421,11 @@ def signup() -> Any:
     """Sign up, then log in: the same answer whether or not the address has an account."""
     form = forms.SignupForm()
     if request.method == "POST":
-        _or_429(services.check_signup_rate, request.remote_addr)
+        _or_429(users.check_signup_rate, request.remote_addr)
     if form.validate_on_submit():
-        services.sign_up(form.email.data, form.password.data)
+        users.sign_up(form.email.data, form.password.data)
         flash(
-            f"Check your inbox at {services.normalise_email(form.email.data)} for a message "
+            f"Check your inbox at {users.normalise_email(form.email.data)} for a message "
             "about your account, then log in.",
             "success",
         )
@@ -440,7 +442,7 @@ def login() -> Any:
     form = forms.LoginForm()
     next_url = safe_next(request.args.get("next"), url_for("pages.forms_index"))
     if form.validate_on_submit():
-        user = _or_429(services.log_in, form.email.data, form.password.data, request.remote_addr)
+        user = _or_429(users.log_in, form.email.data, form.password.data, request.remote_addr)
         if user is None:
             form.form_errors.append("Wrong email or password.")
         else:
@@ -454,7 +456,7 @@ def _or_429(call: Callable[..., Any], *args: Any) -> Any:
     """Run a rate-limited service call; over the limit, answer 429 with Retry-After."""
     try:
         return call(*args)
-    except services.RateLimited as exc:
+    except users.RateLimited as exc:
         raise TooManyRequests(
             "Too many attempts. Wait a few minutes and try again.", retry_after=exc.retry_after
         ) from None
@@ -465,7 +467,7 @@ def logout() -> Any:
     """End this session and every other copy of its cookie."""
     form = forms.ActionForm()
     if form.validate_on_submit() and g.user is not None:
-        services.log_out(g.user.id)
+        users.log_out(g.user.id)
     session.clear()
     flash("You are logged out.", "info")
     return redirect(url_for("pages.index"))
@@ -474,7 +476,7 @@ def logout() -> Any:
 @pages.get("/confirm/<token>")
 def confirm_email(token: str) -> Any:
     """Confirm an owner's email address from the signed link we mailed."""
-    outcome = services.confirm_email(token)
+    outcome = users.confirm_email(token)
     messages = {
         "confirmed": ("Your email address is confirmed.", "success"),
         "already": ("Your email address was already confirmed.", "info"),
@@ -499,7 +501,7 @@ def account() -> str:
     return render_template(
         "account.html",
         resend_form=forms.ActionForm(),
-        account_emails=services.account_emails(g.user.id),
+        account_emails=users.account_emails(g.user.id),
     )
 
 
@@ -508,7 +510,7 @@ def account() -> str:
 def account_email_replay(delivery_id: int) -> Any:
     """Send a done or dead account email again (links in it are made afresh)."""
     if forms.ActionForm().validate_on_submit():
-        if not services.replay_account_email(g.user.id, delivery_id):
+        if not users.replay_account_email(g.user.id, delivery_id):
             abort(404)
         flash("The email is queued again.", "success")
     return redirect(url_for("pages.account"))
@@ -521,13 +523,13 @@ def account_tokens() -> Any:
     form = forms.ApiTokenForm()
     new_token = None
     if form.validate_on_submit():
-        _, new_token = services.create_api_token(g.user.id, form.name.data)
+        _, new_token = users.create_api_token(g.user.id, form.name.data)
         form = forms.ApiTokenForm(formdata=None)
     page = render_template(
         "account_tokens.html",
         form=form,
         new_token=new_token,
-        tokens=services.list_api_tokens(g.user.id),
+        tokens=users.list_api_tokens(g.user.id),
         revoke_form=forms.ActionForm(),
     )
     response = current_app.make_response((page, 422 if form.errors else 200))
@@ -540,7 +542,7 @@ def account_tokens() -> Any:
 def account_token_revoke(token_id: int) -> Any:
     """Revoke a token: programs using it get 401 from the next request on."""
     if forms.ActionForm().validate_on_submit():
-        if not services.revoke_api_token(g.user.id, token_id):
+        if not users.revoke_api_token(g.user.id, token_id):
             abort(404)
         flash("Token revoked. Programs that use it now get 401 Unauthorized.", "success")
     return redirect(url_for("pages.account_tokens"))
@@ -551,7 +553,7 @@ def account_token_revoke(token_id: int) -> Any:
 def resend_confirmation() -> Any:
     """Send the confirmation link again."""
     if forms.ActionForm().validate_on_submit():
-        if _or_429(services.send_confirmation, g.user.id):
+        if _or_429(users.send_confirmation, g.user.id):
             flash(f"We sent a new confirmation link to {g.user.email}.", "success")
         else:
             flash("Your email address is already confirmed.", "info")
@@ -871,20 +873,20 @@ def _limit_public_bodies(sender: Flask, **_extra: Any) -> None:
         request.max_content_length = current_settings().submission_max_bytes
 
 
-def _read_payload() -> services.Payload:
+def _read_payload() -> intake.Payload:
     """Parse the body of a submission, whatever kind of client sent it."""
     if request.mimetype == "application/json":
         values, problem = validation.load_json_fields(request.get_data(cache=True))
         if problem is not None:
-            return services.Payload("unreadable", problem=problem)
-        return services.Payload("json", values)
+            return intake.Payload("unreadable", problem=problem)
+        return intake.Payload("json", values)
     if request.mimetype in _FORM_TYPES:
         if isinstance(request.form, UnreadableForm):
-            return services.Payload("unreadable", problem=request.form.problem)
+            return intake.Payload("unreadable", problem=request.form.problem)
         values = {key: items for key, items in request.form.to_dict(flat=False).items()}
         has_files = any(f.filename for f in request.files.values())
-        return services.Payload("form", values, has_files=has_files)
-    return services.Payload("unsupported")
+        return intake.Payload("form", values, has_files=has_files)
+    return intake.Payload("unsupported")
 
 
 def _wants_json_answer() -> bool:
@@ -896,10 +898,10 @@ def _wants_json_answer() -> bool:
     )
 
 
-def _intake(public_id: str, hosted: bool) -> services.IntakeResult:
+def _intake(public_id: str, hosted: bool) -> intake.IntakeResult:
     """Run intake for this request."""
-    return services.record_submission(
-        services.IntakeRequest(
+    return intake.record_submission(
+        intake.IntakeRequest(
             public_id=public_id,
             payload=_read_payload(),
             origin=validation.request_header_text(request.headers.get("Origin")),
@@ -911,7 +913,7 @@ def _intake(public_id: str, hosted: bool) -> services.IntakeResult:
     )
 
 
-def _unavailable(exc: services.FormUnavailable, json_shape: bool = False) -> Any:
+def _unavailable(exc: intake.FormUnavailable, json_shape: bool = False) -> Any:
     """Intake's refusal as the endpoint's JSON shape or as a page; 429s say when to retry."""
     if json_shape:
         response = jsonify(ok=False, error=exc.message)
@@ -928,7 +930,7 @@ def submit(public_id: str) -> Any:
     """The endpoint any website's form posts to."""
     try:
         result = _intake(public_id, hosted=False)
-    except services.FormUnavailable as exc:
+    except intake.FormUnavailable as exc:
         return _unavailable(exc, json_shape=_wants_json_answer())
     g.public_form = result.form
     if result.outcome == "invalid":
@@ -944,8 +946,8 @@ def submit(public_id: str) -> Any:
 def submit_preflight(public_id: str) -> Any:
     """CORS preflight for fetch() from the form's allowed sites."""
     try:
-        g.public_form = services.public_form(public_id)
-    except services.FormUnavailable:
+        g.public_form = intake.public_form(public_id)
+    except intake.FormUnavailable:
         g.public_form = None
     response = current_app.response_class(status=204)
     response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
@@ -965,10 +967,10 @@ def _cors(response: Any) -> Any:
         form = g.get("public_form")
         if form is None and request.view_args:
             try:
-                form = services.public_form(request.view_args["public_id"])
-            except services.FormUnavailable:
+                form = intake.public_form(request.view_args["public_id"])
+            except intake.FormUnavailable:
                 form = None
-        allowed = services.cors_origin(form, request.headers.get("Origin"))
+        allowed = intake.cors_origin(form, request.headers.get("Origin"))
         if allowed:
             response.headers["Access-Control-Allow-Origin"] = allowed
         response.vary.add("Origin")
@@ -979,8 +981,8 @@ def _cors(response: Any) -> Any:
 def hosted_page(public_id: str) -> Any:
     """The form page Mailslot hosts for owners without a website."""
     try:
-        record = services.public_form(public_id)
-    except services.FormUnavailable as exc:
+        record = intake.public_form(public_id)
+    except intake.FormUnavailable as exc:
         return _unavailable(exc)
     g.public_form = record
     form = forms.hosted_form_class(record.fields or [])()
@@ -993,7 +995,7 @@ def _render_hosted(record: Any, form: Any) -> str:
         "hosted.html",
         record=record,
         form=form,
-        render_token=services.render_token(record.public_id),
+        render_token=intake.render_token(record.public_id),
     )
 
 
@@ -1006,18 +1008,18 @@ def hosted_submit(public_id: str) -> Any:
     for an anonymous public form the stamp proves just as well that our page was filled in.
     """
     try:
-        record = services.public_form(public_id)
-    except services.FormUnavailable as exc:
+        record = intake.public_form(public_id)
+    except intake.FormUnavailable as exc:
         return _unavailable(exc)
     g.public_form = record
     form = forms.hosted_form_class(record.fields or [])()
     stamp = request.form.get("_rendered")
-    if not (_session_csrf_valid() or services.render_stamp_valid(stamp, record.public_id)):
+    if not (_session_csrf_valid() or intake.render_stamp_valid(stamp, record.public_id)):
         form.form_errors.append("This form expired. Reload the page and send it again.")
         return _render_hosted(record, form), 400
     try:
         result = _intake(public_id, hosted=True)
-    except services.FormUnavailable as exc:
+    except intake.FormUnavailable as exc:
         return _unavailable(exc)
     if result.outcome == "invalid":
         forms.attach_errors(form, result.errors)
@@ -1041,8 +1043,8 @@ def _session_csrf_valid() -> bool:
 def thanks(public_id: str) -> Any:
     """Where a submitter lands when the owner set no redirect."""
     try:
-        record = services.public_form(public_id)
-    except services.FormUnavailable as exc:
+        record = intake.public_form(public_id)
+    except intake.FormUnavailable as exc:
         return _unavailable(exc)
     g.public_form = record
     back_url, back_label = _back_link(record)

@@ -1,6 +1,9 @@
-"""Mailslot's business rules: accounts, readiness, and (later) forms and submission intake.
+"""Mailslot's business rules for the owner's forms: creating and changing them (fields,
+webhook settings), the inbox and its numbers, submissions, exports, deliveries (replay, dead),
+the install snippets' data, the JSON API's form helpers, retention and erasure, and readiness.
 
-Nothing here touches ``request`` or ``session`` or renders a page; views pass plain values in.
+Accounts live in ``users`` and the submission path in ``intake``. Nothing here touches
+``request`` or ``session`` or renders a page; views pass plain values in and get records back.
 """
 
 from __future__ import annotations
@@ -8,263 +11,26 @@ from __future__ import annotations
 import base64
 import csv
 import datetime as dt
-import hashlib
-import hmac
 import html
 import io
 import json
 import re
 import secrets
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from flask import current_app
-from itsdangerous import BadData, BadSignature, SignatureExpired, URLSafeTimedSerializer
-from werkzeug.security import check_password_hash, generate_password_hash
 
 import cache
 import dal
 import delivery
 import migrate
 import tasks
+import users
 import validation
 from settings import current_settings
 
 log = structlog.get_logger("mailslot.services")
-
-# A hash of a random password, checked when the email is unknown so that a wrong address takes as
-# long as a wrong password and timing does not reveal which accounts exist.
-_DUMMY_HASHES: dict[str, str] = {}
-
-
-# =================================================================================================
-# Accounts
-# =================================================================================================
-
-
-def normalise_email(email: str) -> str:
-    """Emails are stored and compared trimmed and lower-cased."""
-    return email.strip().lower()
-
-
-def hash_password(password: str) -> str:
-    """Hash with the configured werkzeug method."""
-    return generate_password_hash(password, method=current_settings().password_hash_method)
-
-
-ACCOUNT_EXISTS_EVERY = 3600  # at most one "someone tried to sign up" email per address per hour
-CONFIRMATION_RESENDS_PER_HOUR = 5
-
-
-def sign_up(email: str, password: str) -> None:
-    """Register an address, doing the same visible work whether or not it has an account.
-
-    A new address gets its account and a confirmation email. A taken one gets no account and
-    no answer that differs: its owner is told by email instead ("account_exists", at most one
-    per address per ACCOUNT_EXISTS_EVERY). The password is hashed in both cases, so both take
-    as long. Either way the only sending done here is putting a row in the outbox.
-    """
-    email = normalise_email(email)
-    password_hash = hash_password(password)
-    try:
-        with dal.transaction() as conn:
-            user = dal.insert_user(conn, email, password_hash)
-            delivery_id = queue_account_email(conn, user, "confirm_email")
-    except dal.Duplicate:
-        delivery_id = _tell_existing_owner(email)
-    else:
-        log.info("account.created", user=user.id)
-    if delivery_id is not None:
-        tasks.dispatch_deliveries([(delivery_id, 0)])
-
-
-def _tell_existing_owner(email: str) -> int | None:
-    """Queue the "someone tried to sign up with your address" email, unless one went out in
-    the last hour; its delivery id."""
-    account = hashlib.sha256(email.encode()).hexdigest()[:24]
-    limit = cache.Limit(f"account-exists:{account}", 1, ACCOUNT_EXISTS_EVERY)
-    if cache.hit_limits([limit]).exceeded is not None:
-        log.info("signup.address_taken", told_owner=False)
-        return None
-    with dal.transaction() as conn:
-        user = dal.user_by_email(conn, email)
-        delivery_id = queue_account_email(conn, user, "account_exists") if user else None
-    log.info("signup.address_taken", told_owner=delivery_id is not None)
-    return delivery_id
-
-
-def queue_account_email(
-    conn: Any,
-    user: dal.User,
-    template: str,
-    *,
-    to: str | None = None,
-    params: dict[str, Any] | None = None,
-) -> int:
-    """Put one account email (a key of delivery.ACCOUNT_EMAILS) in the outbox, in the caller's
-    transaction, to the account's address unless ``to`` says otherwise; its delivery id.
-
-    The caller hands the id to ``dispatch_deliveries`` after the commit.
-    """
-    if template not in delivery.ACCOUNT_EMAILS:
-        raise ValueError(f"no account email called {template!r}")
-    return dal.insert_account_delivery(conn, user.id, template, to or user.email, params)
-
-
-def log_in(email: str, password: str, client_ip: str | None = None) -> dal.User | None:
-    """The owner for this email and password, or None; upgrades an outdated hash on success.
-
-    Attempts are counted per account and per address before the password is checked, in one
-    atomic step, so simultaneous guesses cannot all pass a limit that has one slot left; past
-    the limit even the right password is refused (RateLimited) until the oldest counted
-    attempts leave the window. A right password takes back its own attempt only: a success
-    never clears the failures before it (or an attacker's own account would reset the count
-    of the address it guesses from).
-    """
-    limits = _login_limits(email, client_ip)
-    attempt = cache.admit_attempt(limits) if limits else None
-    if attempt is not None and attempt.exceeded is not None:
-        log.info("login.rate_limited", limit=attempt.exceeded.name)
-        raise RateLimited(attempt.retry_after)
-    user = _check_password(email, password)
-    if user is not None and attempt is not None:
-        cache.withdraw_attempt(limits, attempt.ticket)
-    return user
-
-
-def _check_password(email: str, password: str) -> dal.User | None:
-    """The owner if the password is right; constant work for unknown addresses."""
-    method = current_settings().password_hash_method
-    with dal.connection() as conn:
-        user = dal.user_by_email(conn, normalise_email(email))
-    if user is None:
-        if method not in _DUMMY_HASHES:
-            _DUMMY_HASHES[method] = generate_password_hash("not-a-password", method=method)
-        check_password_hash(_DUMMY_HASHES[method], password)
-        log.info("login.failed", reason="unknown_email")
-        return None
-    if not check_password_hash(user.password_hash, password):
-        log.info("login.failed", user=user.id, reason="wrong_password")
-        return None
-    if user.password_hash.split("$", 1)[0] != method:
-        with dal.transaction() as conn:
-            dal.set_password_hash(conn, user.id, hash_password(password))
-        log.info("password.rehashed", user=user.id, method=method.split(":", 1)[0])
-    log.info("login.succeeded", user=user.id)
-    return user
-
-
-def log_out(user_id: int) -> None:
-    """End every session of this owner: cookies carry the old session version."""
-    with dal.transaction() as conn:
-        dal.bump_session_version(conn, user_id)
-
-
-def user_for_session(user_id: Any, version: Any) -> dal.User | None:
-    """The owner a session cookie names, if the cookie is still current."""
-    if not isinstance(user_id, int) or not isinstance(version, int):
-        return None
-    with dal.connection() as conn:
-        user = dal.user_by_id(conn, user_id)
-    if user is None or user.session_version != version:
-        return None
-    return user
-
-
-def send_confirmation(user_id: int) -> bool:
-    """Queue a new confirmation email; False when the address is already confirmed.
-
-    RateLimited past CONFIRMATION_RESENDS_PER_HOUR for one account: the address may be
-    someone else's, typed by whoever made the account.
-    """
-    limit = cache.Limit(f"confirm-resend:{user_id}", CONFIRMATION_RESENDS_PER_HOUR, 3600)
-    with dal.connection() as conn:
-        user = dal.user_by_id(conn, user_id)
-    if user is None or user.email_confirmed_at is not None:
-        return False
-    state = cache.hit_limits([limit])
-    if state.exceeded is not None:
-        raise RateLimited(state.retry_after)
-    with dal.transaction() as conn:
-        delivery_id = queue_account_email(conn, user, "confirm_email")
-    tasks.dispatch_deliveries([(delivery_id, 0)])
-    return True
-
-
-@dataclass(frozen=True)
-class AccountEmailRecord:
-    """One account email as the owner's account page lists it."""
-
-    id: int
-    label: str
-    target: str
-    status: str
-    attempts: int
-    last_error: str | None
-    updated_at: dt.datetime
-
-    @property
-    def replayable(self) -> bool:
-        """Done and dead emails can be sent again."""
-        return self.status in ("done", "dead")
-
-
-def account_emails(user_id: int) -> list[AccountEmailRecord]:
-    """The owner's most recent account emails, newest first."""
-    with dal.connection() as conn:
-        rows = dal.account_deliveries(conn, user_id)
-    return [
-        AccountEmailRecord(
-            id=row.id,
-            label=spec.label
-            if (spec := delivery.ACCOUNT_EMAILS.get(row.template))
-            else row.template,
-            target=row.target,
-            status=row.status,
-            attempts=row.attempts,
-            last_error=row.last_error,
-            updated_at=row.updated_at,
-        )
-        for row in rows
-    ]
-
-
-def replay_account_email(user_id: int, delivery_id: int) -> bool:
-    """Send one of the owner's done or dead account emails again (with fresh links); False if
-    there is none to replay."""
-    with dal.transaction() as conn:
-        row = dal.owned_account_delivery(conn, user_id, delivery_id)
-        replayed = row is not None and dal.requeue_delivery(conn, delivery_id)
-    if replayed:
-        log.info("account_email.replayed", user=user_id, delivery_id=delivery_id)
-        tasks.dispatch_deliveries([(delivery_id, row.attempts)])
-    return replayed
-
-
-def confirm_email(token: str) -> str:
-    """Check a confirmation token: 'confirmed', 'already', 'expired' or 'invalid'."""
-    try:
-        payload = delivery.confirm_serializer().loads(
-            token, max_age=current_settings().confirm_token_max_age
-        )
-    except SignatureExpired:
-        return "expired"
-    except BadSignature:
-        return "invalid"
-    if not isinstance(payload, dict):
-        return "invalid"
-    user_id, email = payload.get("uid"), payload.get("email")
-    with dal.transaction() as conn:
-        user = dal.user_by_id(conn, user_id) if isinstance(user_id, int) else None
-        if user is None or user.email != email:
-            return "invalid"
-        if not dal.mark_email_confirmed(conn, user.id, user.email):
-            return "already"
-    log.info("account.confirmed", user=user_id)
-    return "confirmed"
 
 
 # =================================================================================================
@@ -505,435 +271,7 @@ def export_json(form: dal.Form) -> Iterator[str]:
 
 
 # =================================================================================================
-# Submission intake (the public endpoint and the hosted page)
-# =================================================================================================
-
-
-STORED_SUBJECT_MAX_LENGTH = 250
-
-
-class FormUnavailable(Exception):
-    """Intake refused before storing anything; ``status`` and ``message`` say why."""
-
-    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-
-
-@dataclass
-class Payload:
-    """What the view read from the request body, before any rule is applied."""
-
-    kind: str  # "form", "json", "unreadable" (``problem`` says why), "unsupported"
-    values: dict[str, Any] = field(default_factory=dict)
-    has_files: bool = False
-    problem: str = ""
-
-
-@dataclass
-class IntakeRequest:
-    """Everything intake needs to know about one request; no Flask objects."""
-
-    public_id: str
-    payload: Payload
-    origin: str | None = None
-    referrer: str | None = None
-    client_ip: str | None = None
-    user_agent: str | None = None
-    hosted: bool = False
-
-
-@dataclass
-class IntakeResult:
-    """What happened: stored, trapped by the honeypot, or refused with per-field errors."""
-
-    form: dal.PublicForm
-    outcome: str  # "stored", "honeypot", "invalid"
-    submission_id: str = ""
-    errors: dict[str, list[str]] = field(default_factory=dict)
-    redirect_to: str = ""
-    delivery_ids: list[int] = field(default_factory=list)
-
-
-def public_form(public_id: str) -> dal.PublicForm:
-    """A form by public id for the public side, through the Redis cache."""
-    return _available(cache.public_form(public_id))
-
-
-def _available(form: dal.PublicForm | None) -> dal.PublicForm:
-    """The form, or the 404 every public route gives for an unknown id."""
-    if form is None:
-        raise FormUnavailable(404, "There is no form at this address. Check the form's action URL.")
-    return form
-
-
-def _on_trusted_site(form: dal.PublicForm, url: validation.WebUrl, *, exact_port: bool) -> bool:
-    """Whether ``url`` is on Mailslot's own site or on one of the form's allowed domains.
-
-    An allowed entry that names a port matches that port only. One that names none matches
-    any port of its host for the site a post comes from (``exact_port`` False), and only the
-    scheme's default port for where a browser is sent (``exact_port`` True).
-    """
-    own = validation.parse_web_url(current_settings().base_url)
-    if own is not None and (url.host, url.port) == (own.host, own.port):
-        return True
-    for entry in form.allowed_domains or []:
-        name, _, port = entry.partition(":")
-        if name != url.host:
-            continue
-        if port:
-            if port.isdigit() and int(port) == url.port:
-                return True
-        elif not exact_port or url.port == validation.DEFAULT_PORTS[url.scheme]:
-            return True
-    return False
-
-
-def origin_allowed(form: dal.PublicForm, origin: str | None, referrer: str | None) -> bool:
-    """Cross-site posts only from the allowed domains, when the owner listed any.
-
-    ``Origin: null`` (a sandboxed frame, a local file, a privacy-preserving context) hides the
-    site, so the Referer must then name an allowed one. No Origin and no Referer at all is not
-    a browser posting from another page, and passes.
-    """
-    if not form.allowed_domains:
-        return True
-    if origin and origin.strip().lower() == "null":
-        if not referrer:
-            return False
-        claimed = referrer
-    else:
-        claimed = origin or referrer
-    if not claimed:
-        return True
-    url = validation.parse_web_url(claimed)
-    return url is not None and _on_trusted_site(form, url, exact_port=False)
-
-
-def cors_origin(form: dal.PublicForm | None, origin: str | None) -> str | None:
-    """The Access-Control-Allow-Origin value for this origin, or None to send none."""
-    if form is None or not form.allowed_domains:
-        return "*"
-    url = validation.parse_web_url(origin)
-    if url is not None and _on_trusted_site(form, url, exact_port=False):
-        return origin
-    return None
-
-
-def safe_redirect(form: dal.PublicForm, next_url: Any, posted_from: str | None) -> str | None:
-    """``_next`` resolved against the posting page, if it stays on a site this form trusts.
-
-    The answer is the URL as parsed and checked (see ``validation.parse_web_url``), never the text
-    as sent; anything that does not parse is None, and the caller's default applies.
-    """
-    page = validation.parse_web_url(posted_from)
-    target = validation.parse_web_url(
-        next_url, base=page.url if page else current_settings().base_url + "/"
-    )
-    if target is None:
-        return None
-    if _on_trusted_site(form, target, exact_port=True):
-        return target.url
-    if not form.allowed_domains and page is not None:
-        return target.url if (target.host, target.port) == (page.host, page.port) else None
-    return None
-
-
-def hash_ip(ip: str | None) -> str | None:
-    """A salted hash of the client address: enough to count, never the address itself."""
-    if not ip:
-        return None
-    key = current_app.secret_key.encode() if isinstance(current_app.secret_key, str) else b""
-    return hmac.new(key, ip.encode(), hashlib.sha256).hexdigest()[:32]
-
-
-def _control_value(values: dict[str, Any], name: str) -> str | None:
-    """A control field's value as one string, or None."""
-    value = values.get(name)
-    if isinstance(value, list):
-        value = value[0] if len(value) == 1 else None
-    return value.strip() if isinstance(value, str) and value.strip() else None
-
-
-def _submission_meta(values: dict[str, Any]) -> dict[str, str]:
-    """``_subject`` and ``_replyto`` as stored: each on one line; a subject cut to length, a
-    reply-to longer than any address dropped. Junk here never refuses the submission."""
-    meta = {}
-    subject = validation.one_line(_control_value(values, "_subject"))
-    if subject:
-        meta["subject"] = subject[:STORED_SUBJECT_MAX_LENGTH]
-    reply_to = validation.one_line(_control_value(values, "_replyto"))
-    if reply_to and len(reply_to) <= validation.EMAIL_ADDRESS_MAX_LENGTH:
-        meta["reply_to"] = reply_to
-    return meta
-
-
-def record_submission(req: IntakeRequest) -> IntakeResult:
-    """Intake: find the form, check it accepts this post, trap bots, validate, store, enqueue.
-
-    Before the database write Redis is used once with a warm cache (the cached form, the rate
-    limits and the velocity counter in one pipeline) and twice on a miss (the cache fill).
-    """
-    ip_hash = hash_ip(req.client_ip)
-    form, limits = cache.intake_lookup(
-        req.public_id,
-        submission_limits(req.public_id, ip_hash),
-        ((f"velocity:{ip_hash}", VELOCITY_WINDOW),) if ip_hash else (),
-    )
-    form = _available(form)
-    if form.status != "active":
-        raise FormUnavailable(403, "This form is paused and is not accepting submissions.")
-    if not req.hosted and not origin_allowed(form, req.origin, req.referrer):
-        raise FormUnavailable(403, "This form does not accept submissions from this website.")
-    if limits.exceeded is not None:
-        log.info("submission.rate_limited", form=form.public_id, limit=limits.exceeded.name)
-        raise FormUnavailable(
-            429,
-            "Too many submissions; wait a moment and send the form again.",
-            retry_after=limits.retry_after,
-        )
-    payload = req.payload
-    if payload.kind == "unreadable":
-        raise FormUnavailable(400, payload.problem)
-    if payload.kind == "unsupported":
-        raise FormUnavailable(
-            415,
-            "Send the form as application/x-www-form-urlencoded, multipart/form-data "
-            "or application/json.",
-        )
-    if payload.has_files:
-        raise FormUnavailable(
-            415, "File uploads are not supported yet. Remove the file field and send again."
-        )
-    values = validation.decode_fields(payload.values)
-    posted_from = req.referrer if not req.hosted else None
-    redirect_to = (
-        safe_redirect(form, _control_value(values, "_next"), posted_from)
-        or form.redirect_url
-        or f"{current_settings().base_url}/f/{form.public_id}/thanks"
-    )
-    if _control_value(values, form.honeypot_field):
-        cache.bump_counter(f"form:{form.id}:honeypot")
-        log.info("submission.honeypot", form=form.public_id)
-        return IntakeResult(form, "honeypot", dal.new_public_id(), redirect_to=redirect_to)
-
-    data = {
-        key: value
-        for key, value in values.items()
-        if not key.startswith("_") and key != form.honeypot_field and key != "csrf_token"
-    }
-    schema = form.fields or (validation.DEFAULT_FIELDS if req.hosted else [])
-    conf = current_settings()
-    clean, errors = validation.validate_submission(
-        schema,
-        data,
-        strict=bool(form.strict or req.hosted),
-        max_fields=conf.submission_max_fields,
-        max_value_length=conf.submission_max_value_length,
-    )
-    if errors:
-        return IntakeResult(form, "invalid", errors=errors, redirect_to=redirect_to)
-
-    reasons = spam_reasons(
-        form,
-        clean,
-        velocity=limits.counters.get(f"velocity:{ip_hash}", 0),
-        rendered=values.get("_rendered") if req.hosted else None,
-        hosted=req.hosted,
-    )
-    is_spam = sum(weight for weight, _ in reasons) >= conf.spam_threshold
-    with dal.transaction() as conn:
-        submission = dal.insert_submission(
-            conn,
-            {
-                "public_id": dal.new_public_id(),
-                "form_id": form.id,
-                "data": clean,
-                "schema_version": form.schema_version,
-                "is_spam": is_spam,
-                "spam_reason": "; ".join(text for _, text in reasons) or None,
-                "ip_hash": ip_hash,
-                "user_agent": (validation.one_line(req.user_agent) or "")[:512] or None,
-                "referrer": (validation.one_line(req.referrer) or "")[:2000] or None,
-                "meta": _submission_meta(values),
-            },
-        )
-        delivery_ids = _queue_deliveries(conn, form, submission, held=is_spam)
-    log.info(
-        "submission.stored", form=form.public_id, submission=submission.public_id, spam=is_spam
-    )
-    if not is_spam:
-        tasks.dispatch_deliveries([(delivery_id, 0) for delivery_id in delivery_ids])
-    return IntakeResult(
-        form,
-        "stored",
-        submission.public_id,
-        redirect_to=redirect_to,
-        delivery_ids=delivery_ids,
-    )
-
-
-def _queue_deliveries(conn: Any, form: Any, submission: dal.Submission, *, held: bool) -> list[int]:
-    """Outbox rows for a new submission, in its transaction: email to a confirmed owner, webhook.
-
-    Spam gets its rows too, ``held``: marking it "not spam" releases them.
-    """
-    targets = []
-    if form.notify:
-        owner = dal.owner_of_form(conn, form.id)
-        if owner is not None and owner.email_confirmed_at is not None:
-            targets.append(("email", owner.email))
-    if form.webhook_url:
-        targets.append(("webhook", form.webhook_url))
-    return dal.insert_deliveries(conn, submission.id, targets, "held" if held else "pending")
-
-
-# =================================================================================================
-# Rate limits and spam scoring (no third party sees the data)
-# =================================================================================================
-
-VELOCITY_WINDOW = 600
-_URL_PATTERN = re.compile(r"https?://|www\.", re.IGNORECASE)
-
-
-def submission_limits(public_id: str, ip_hash: str | None) -> list[cache.Limit]:
-    """Per client IP per form (a minute and an hour) and per form overall (an hour)."""
-    conf = current_settings()
-    if not conf.rate_limits_enabled:
-        return []
-    limits = [cache.Limit(f"form:{public_id}", conf.submit_limit_per_form_hour, 3600)]
-    if ip_hash:
-        limits += [
-            cache.Limit(f"ip:{ip_hash}:{public_id}:m", conf.submit_limit_per_ip_minute, 60),
-            cache.Limit(f"ip:{ip_hash}:{public_id}:h", conf.submit_limit_per_ip_hour, 3600),
-        ]
-    return limits
-
-
-class RateLimited(Exception):
-    """Too many attempts; try again in ``retry_after`` seconds."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(retry_after)
-        self.retry_after = retry_after
-
-
-def _login_limits(email: str, client_ip: str | None) -> list[cache.Limit]:
-    """Failed logins per account and per client address."""
-    conf = current_settings()
-    if not conf.rate_limits_enabled:
-        return []
-    window, count = conf.login_failure_window, conf.login_failure_limit
-    account = hashlib.sha256(normalise_email(email).encode()).hexdigest()[:24]
-    limits = [cache.Limit(f"login:acct:{account}", count, window)]
-    if client_ip:
-        limits.append(cache.Limit(f"login:ip:{hash_ip(client_ip)}", count, window))
-    return limits
-
-
-def check_signup_rate(client_ip: str | None) -> None:
-    """Count a sign-up attempt from this address; RateLimited past the limit."""
-    conf = current_settings()
-    if not conf.rate_limits_enabled or not client_ip:
-        return
-    limit = cache.Limit(f"signup:{hash_ip(client_ip)}", conf.signup_limit_per_ip_hour, 3600)
-    result = cache.hit_limits([limit])
-    if result.exceeded is not None:
-        raise RateLimited(result.retry_after)
-
-
-def _render_serializer(public_id: str) -> URLSafeTimedSerializer:
-    """Signs the render stamps of one form's hosted page: another form's stamp fails its check."""
-    return URLSafeTimedSerializer(current_app.secret_key, salt=f"mailslot.render:{public_id}")
-
-
-def render_token(public_id: str) -> str:
-    """A signed timestamp for this form's hosted page, checked when the page is submitted."""
-    return _render_serializer(public_id).dumps(round(time.time(), 3))
-
-
-def _render_age(token: Any, public_id: str) -> float | None:
-    """Seconds since this form's hosted page was rendered; None for a missing or forged token,
-    or one rendered for another form."""
-    if isinstance(token, list):
-        token = token[0] if len(token) == 1 else None
-    if not isinstance(token, str):
-        return None
-    try:
-        rendered = _render_serializer(public_id).loads(token)
-    except BadData:
-        return None
-    return time.time() - float(rendered) if isinstance(rendered, int | float) else None
-
-
-def render_stamp_valid(token: Any, public_id: str) -> bool:
-    """A genuine render stamp of this form's hosted page, at most a day old."""
-    age = _render_age(token, public_id)
-    return age is not None and -60 < age < 24 * 3600
-
-
-def spam_reasons(
-    form: Any, data: dict[str, Any], *, velocity: int, rendered: Any, hosted: bool
-) -> list[tuple[float, str]]:
-    """Each local spam signal that fired, with its weight and the reason shown to the owner."""
-    conf = current_settings()
-    reasons: list[tuple[float, str]] = []
-    texts = [value for value in data.values() if isinstance(value, str)]
-    links = sum(len(_URL_PATTERN.findall(text)) for text in texts)
-    if links > conf.spam_max_links:
-        reasons.append((0.6 if links < 2 * conf.spam_max_links + 1 else 1.0, f"{links} links"))
-    if hosted:
-        age = _render_age(rendered, form.public_id)
-        if age is None:
-            reasons.append((0.5, "the page's render stamp is missing or forged"))
-        elif age < conf.spam_min_seconds:
-            reasons.append((1.0, f"sent {max(age, 0):.1f} s after render"))
-        elif age > 24 * 3600:
-            reasons.append((0.5, "sent more than a day after the page was rendered"))
-    if velocity > conf.spam_velocity_limit:
-        reasons.append((0.6, f"{velocity} submissions from this address in 10 minutes"))
-    rules = form.spam_rules or {}
-    lowered = " ".join(texts).lower()
-    for word in rules.get("words", []):
-        if word.lower() in lowered:
-            reasons.append((1.0, f"contains the blocked word “{word}”"))
-            break
-    blocked_domains = {d.lower() for d in rules.get("email_domains", [])}
-    for text in texts:
-        if "@" in text:
-            domain = text.rsplit("@", 1)[1].strip().lower()
-            if domain in blocked_domains:
-                reasons.append((1.0, f"email from the blocked domain “{domain}”"))
-                break
-    return reasons
-
-
-def inbox_numbers(form: Any) -> tuple[dict[str, int], list[dal.DayCount]]:
-    """The inbox's stats block and its chart, consistent with each other and with the list.
-
-    Today and the last 7 days (today and the six UTC days before it) come from the chart, whose
-    today is live; spam caught is cached for a minute (and forgotten when the owner marks spam
-    or deletes); honeypot hits are a Redis counter.
-    """
-    per_day = submissions_per_day(form)
-
-    def spam() -> int:
-        with dal.connection() as conn:
-            return dal.spam_count(conn, form.id)
-
-    stats = {
-        "today": per_day[-1].count,
-        "week": sum(day.count for day in per_day[-7:]),
-        "spam": cache.cached_json(cache.spam_count_name(form.id), cache.STATS_TTL, spam),
-        "honeypot": cache.read_counter(f"form:{form.id}:honeypot"),
-    }
-    return stats, per_day
-
-
-# =================================================================================================
-# Deliveries and webhooks (the owner's side; sending lives in tasks.py)
+# Deliveries and webhooks (the owner's side; sending lives in delivery.py)
 # =================================================================================================
 
 
@@ -1059,6 +397,10 @@ def send_test_event(form: dal.Form) -> str:
     return f"The receiver answered {status}; only 2xx answers count as delivered."
 
 
+# =================================================================================================
+# The inbox's numbers: the stats block and the chart
+# =================================================================================================
+
 CHART_DAYS = 30
 
 
@@ -1083,15 +425,33 @@ def submissions_per_day(form: dal.Form) -> list[dal.DayCount]:
     return [dal.DayCount(dt.date.fromisoformat(day), count) for day, count in past] + live
 
 
+def inbox_numbers(form: Any) -> tuple[dict[str, int], list[dal.DayCount]]:
+    """The inbox's stats block and its chart, consistent with each other and with the list.
+
+    Today and the last 7 days (today and the six UTC days before it) come from the chart, whose
+    today is live; spam caught is cached for a minute (and forgotten when the owner marks spam
+    or deletes); honeypot hits are a Redis counter.
+    """
+    per_day = submissions_per_day(form)
+
+    def spam() -> int:
+        with dal.connection() as conn:
+            return dal.spam_count(conn, form.id)
+
+    stats = {
+        "today": per_day[-1].count,
+        "week": sum(day.count for day in per_day[-7:]),
+        "spam": cache.cached_json(cache.spam_count_name(form.id), cache.STATS_TTL, spam),
+        "honeypot": cache.read_counter(f"form:{form.id}:honeypot"),
+    }
+    return stats, per_day
+
+
 # =================================================================================================
-# API tokens and the JSON API
+# The JSON API's form helpers
 # =================================================================================================
 
-API_TOKEN_PREFIX = "ms_live_"  # noqa: S105 - a public marker, not a secret
-API_TOKEN_VISIBLE = 12  # "ms_live_" and four more characters: enough to tell tokens apart
-API_TOKEN_TOUCH_EVERY = 60  # seconds between last_used_at writes for one token
 API_PAGE_MAX = 100
-_API_TOKEN_RE = re.compile(r"ms_live_[A-Za-z0-9_-]{43}")
 
 
 class InvalidInput(ValueError):
@@ -1104,60 +464,6 @@ class InvalidInput(ValueError):
 
 class Conflict(Exception):
     """A valid request the thing's current state does not allow (for example a queued replay)."""
-
-
-def hash_api_token(token: str) -> str:
-    """What is stored for a token: the SHA-256 hex of the whole token."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def create_api_token(user_id: int, name: str) -> tuple[dal.ApiToken, str]:
-    """A new token for this owner: its stored row, and the token itself (shown once, never kept)."""
-    token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
-    with dal.transaction() as conn:
-        row = dal.insert_api_token(
-            conn, user_id, name, token[:API_TOKEN_VISIBLE], hash_api_token(token)
-        )
-    log.info("api_token.created", user=user_id, token_id=row.id)
-    return row, token
-
-
-def list_api_tokens(user_id: int) -> list[dal.ApiToken]:
-    """The owner's active tokens, newest first."""
-    with dal.connection() as conn:
-        return dal.active_api_tokens(conn, user_id)
-
-
-def revoke_api_token(user_id: int, token_id: int) -> bool:
-    """Revoke one of the owner's tokens; False when it is not theirs or already revoked."""
-    with dal.transaction() as conn:
-        revoked = dal.revoke_api_token(conn, user_id, token_id)
-    if revoked:
-        log.info("api_token.revoked", user=user_id, token_id=token_id)
-    return revoked
-
-
-def api_token_owner(token: str) -> dal.ApiTokenWithOwner | None:
-    """The active token (with its owner's email) a bearer token names, or None; notes the use."""
-    if not _API_TOKEN_RE.fullmatch(token):
-        return None
-    with dal.connection() as conn:
-        row = dal.api_token_by_hash(conn, hash_api_token(token))
-    if row is None:
-        return None
-    now = dal.utcnow()
-    idle = None if row.last_used_at is None else (now - row.last_used_at).total_seconds()
-    if idle is None or idle >= API_TOKEN_TOUCH_EVERY:
-        with dal.transaction() as conn:
-            dal.touch_api_token(conn, row.id, now, API_TOKEN_TOUCH_EVERY)
-    return row
-
-
-def api_rate_limit(token_id: int) -> int | None:
-    """Count one call for this token; seconds to wait when it is over API_RATE_LIMIT, else None."""
-    count, seconds = current_settings().api_rate_limit_window
-    result = cache.hit_limits([cache.Limit(f"api:{token_id}", count, seconds)])
-    return result.retry_after if result.exceeded is not None else None
 
 
 def _clean_form_value(key: str, value: Any, errors: dict[str, list[str]]) -> Any:
@@ -1302,22 +608,22 @@ def api_submission_page(
 def replay_owned_delivery(submission: dal.Submission, delivery_id: int) -> dal.Delivery:
     """Replay a done or dead delivery of this submission and return it; NotFound or Conflict."""
     current = {d.id: d for d in submission_deliveries(submission)}
-    delivery = current.get(delivery_id)
-    if delivery is None:
+    found = current.get(delivery_id)
+    if found is None:
         raise NotFound(str(delivery_id))
-    if delivery.status == "held":
+    if found.status == "held":
         raise Conflict(
             "This delivery is held because the submission is marked as spam. "
             "Mark it as not spam to send it."
         )
-    if delivery.status not in ("done", "dead"):
+    if found.status not in ("done", "dead"):
         raise Conflict(
-            f"This delivery is {delivery.status}; only done or dead deliveries can be replayed."
+            f"This delivery is {found.status}; only done or dead deliveries can be replayed."
         )
     if not replay_delivery(submission, delivery_id):
         raise Conflict("This delivery was picked up in the meantime; try again in a moment.")
     latest = {d.id: d for d in submission_deliveries(submission)}
-    return latest.get(delivery_id, delivery)
+    return latest.get(delivery_id, found)
 
 
 # =================================================================================================
@@ -1339,7 +645,7 @@ def _mentions(value: Any, address: str) -> bool:
 
 def submissions_about(owner_id: int, email: str) -> list[int]:
     """Ids of the owner's submissions, across all forms, that contain this email address."""
-    address = normalise_email(email)
+    address = users.normalise_email(email)
     with dal.connection() as conn:
         return [
             row.id

@@ -530,13 +530,14 @@ class Bench:
         import dal
         import delivery
         import services
+        import users
 
         with self.app.app_context():
-            services.sign_up(self.owner_email, self.owner_password)
+            users.sign_up(self.owner_email, self.owner_password)
             with dal.connection() as conn:
-                user = dal.user_by_email(conn, services.normalise_email(self.owner_email))
+                user = dal.user_by_email(conn, users.normalise_email(self.owner_email))
             token = delivery.confirmation_link(user.id, user.email).rsplit("/", 1)[1]
-            if services.confirm_email(token) != "confirmed":
+            if users.confirm_email(token) != "confirmed":
                 raise RuntimeError("could not confirm the bench owner's address")
             hook = f"http://127.0.0.1:{self.down.http_port}/hook"
             for key, name, notify, webhook in (

@@ -18,6 +18,7 @@ import dal
 import microapp
 import services
 import tasks
+import users
 from conftest import (
     PASSWORD,
     AuthActions,
@@ -117,11 +118,11 @@ def test_resend_queues_a_new_row_and_is_limited(app: Flask) -> None:
     auth = sign_up(app)
     answers = [
         post_form(auth.client, "/account/confirm", {}, page="/account").status_code
-        for _ in range(services.CONFIRMATION_RESENDS_PER_HOUR + 1)
+        for _ in range(users.CONFIRMATION_RESENDS_PER_HOUR + 1)
     ]
-    assert answers == [302] * services.CONFIRMATION_RESENDS_PER_HOUR + [429]
-    assert len(rows(app)) == 1 + services.CONFIRMATION_RESENDS_PER_HOUR
-    assert len(read_outbox(app)) == 1 + services.CONFIRMATION_RESENDS_PER_HOUR
+    assert answers == [302] * users.CONFIRMATION_RESENDS_PER_HOUR + [429]
+    assert len(rows(app)) == 1 + users.CONFIRMATION_RESENDS_PER_HOUR
+    assert len(read_outbox(app)) == 1 + users.CONFIRMATION_RESENDS_PER_HOUR
 
 
 # --- sending: retries, dead, replay -------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_queueing_an_unknown_account_email_is_refused(app: Flask) -> None:
     with app.app_context(), dal.transaction() as conn:
         user = dal.user_by_email(conn, "owner@example.com")
         with pytest.raises(ValueError, match="no account email"):
-            services.queue_account_email(conn, user, "password")
+            users.queue_account_email(conn, user, "password")
 
 
 # --- what stays apart from forms, what goes with the user ---------------------------------------

@@ -29,6 +29,7 @@ import cache
 import dal
 import services
 import settings as settings_module
+import users
 import validation
 from conftest import AuthActions, WebhookReceiver, post_form, settle_deliveries
 
@@ -85,7 +86,7 @@ def make_owner(app: Flask, email: str) -> Owner:
         with dal.transaction() as conn:
             user = dal.insert_user(conn, email, "x")
             dal.mark_email_confirmed(conn, user.id, email)
-        row, token = services.create_api_token(user.id, "tests")
+        row, token = users.create_api_token(user.id, "tests")
     return Owner(user.id, email, token, row.id)
 
 
@@ -291,8 +292,8 @@ def test_session_cookie_does_not_authenticate(client: FlaskClient, auth: AuthAct
 def test_revoked_token_gets_401(app: Flask, client: FlaskClient, owner: Owner) -> None:
     assert call(client, owner, "GET", "/api/v1/me").status_code == 200
     with app.app_context():
-        assert services.revoke_api_token(owner.id, owner.token_id)
-        assert not services.revoke_api_token(owner.id, owner.token_id)
+        assert users.revoke_api_token(owner.id, owner.token_id)
+        assert not users.revoke_api_token(owner.id, owner.token_id)
     response = call(client, owner, "GET", "/api/v1/forms")
     error_of(response, 401, "unauthorized")
     assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
@@ -303,7 +304,7 @@ def test_token_records_its_last_use_at_most_once_a_minute(
 ) -> None:
     def last_used() -> Any:
         with app.app_context():
-            return services.list_api_tokens(owner.id)[0].last_used_at
+            return users.list_api_tokens(owner.id)[0].last_used_at
 
     assert last_used() is None
     call(client, owner, "GET", "/api/v1/me")
@@ -315,10 +316,10 @@ def test_token_records_its_last_use_at_most_once_a_minute(
 
 def test_tokens_are_stored_as_hashes(app: Flask, owner: Owner) -> None:
     with app.app_context():
-        row = services.list_api_tokens(owner.id)[0]
+        row = users.list_api_tokens(owner.id)[0]
     assert TOKEN_RE.fullmatch(owner.token)
     assert row.prefix == owner.token[:12]
-    assert row.token_hash == services.hash_api_token(owner.token)
+    assert row.token_hash == users.hash_api_token(owner.token)
     assert owner.token not in json.dumps([str(value) for value in astuple(row)])
 
 

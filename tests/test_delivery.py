@@ -19,6 +19,7 @@ from flask import Flask
 
 import dal
 import delivery
+import intake
 import microapp
 import services
 import tasks
@@ -316,7 +317,7 @@ def test_webhook_410_disables_the_webhook(
     submit(outbox_app, form, {"message": "x"})
     assert run(outbox_app, tasks.deliver, deliveries(outbox_app)[0].id) == "dead"
     with outbox_app.app_context():
-        assert services.public_form(form.public_id).webhook_url is None
+        assert intake.public_form(form.public_id).webhook_url is None
     assert "410" in deliveries(outbox_app)[0].last_error
 
 

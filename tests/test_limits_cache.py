@@ -30,8 +30,10 @@ from hypothesis.stateful import (
 
 import cache
 import dal
+import intake
 import microapp
 import services
+import users
 from conftest import PASSWORD, AuthActions, csrf_token, free_port, post_form
 
 
@@ -176,11 +178,11 @@ class CacheCoherence(RuleBasedStateMachine):
         with self.app.app_context(), dal.connection() as conn:
             rows = list(conn.execute(sa.select(dal.forms)))
             for row in rows:
-                seen = services.public_form(row.public_id)
+                seen = intake.public_form(row.public_id)
                 assert (seen.name, seen.status) == (row.name, row.status)
             for public_id in self.deleted:
-                with pytest.raises(services.FormUnavailable):
-                    services.public_form(public_id)
+                with pytest.raises(intake.FormUnavailable):
+                    intake.public_form(public_id)
 
 
 def test_cache_stays_coherent_with_sql(app: Flask) -> None:
@@ -406,7 +408,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 def make_owner(app: Flask) -> None:
     """The account the tests log in to (straight into the database: no sign-up flow)."""
     with app.app_context(), dal.transaction() as conn:
-        dal.insert_user(conn, OWNER, services.hash_password(PASSWORD))
+        dal.insert_user(conn, OWNER, users.hash_password(PASSWORD))
 
 
 @pytest.fixture
@@ -414,7 +416,7 @@ def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every password the login service checks (a counting wrapper round the real check)."""
     checked: list[str] = []
     lock = threading.Lock()
-    real = services.check_password_hash
+    real = users.check_password_hash
 
     def counting(password_hash: str, password: str) -> bool:
         with lock:
@@ -423,7 +425,7 @@ def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         time.sleep(0.02)
         return real(password_hash, password)
 
-    monkeypatch.setattr(services, "check_password_hash", counting)
+    monkeypatch.setattr(users, "check_password_hash", counting)
     return checked
 
 

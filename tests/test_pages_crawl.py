@@ -18,6 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import dal
+import intake
 import microapp
 import services
 from conftest import FAST_HASH, AuthActions, post_form
@@ -306,7 +307,7 @@ def contact_form(app: Flask, client: FlaskClient, auth: AuthActions) -> Any:
     auth.signup()
     public_id = create_form(client, "Contact")
     with app.app_context():
-        return services.public_form(public_id)
+        return intake.public_form(public_id)
 
 
 def test_inbox_chart_counts_submissions_per_day_for_30_days(

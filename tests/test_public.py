@@ -20,8 +20,8 @@ from markupsafe import escape
 
 import cache
 import dal
+import intake
 import microapp
-import services
 from conftest import (
     FAST_HASH,
     AuthActions,
@@ -352,7 +352,7 @@ def test_safe_redirect_allows_only_trusted_hosts(
 ) -> None:
     form = SimpleNamespace(allowed_domains=allowed)
     with shared.app.app_context():
-        assert services.safe_redirect(form, next_url, posted_from) == expected  # type: ignore[arg-type]
+        assert intake.safe_redirect(form, next_url, posted_from) == expected  # type: ignore[arg-type]
 
 
 def test_setting_changes_apply_to_the_very_next_post(shared: FormMaker) -> None:

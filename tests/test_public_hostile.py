@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 
 import cache
 import dal
+import intake
 import microapp
-import services
 from conftest import FAST_HASH, AuthActions, _wipe_postgres, post_form
 
 BASE_URL = "http://mailslot.test"
@@ -674,9 +674,9 @@ def test_render_stamp_of_another_form_counts_as_forged_for_spam_timing(site: Sit
 
 def test_render_stamp_binds_its_form_in_the_service(site: Site) -> None:
     with site.app.test_request_context():
-        stamp = services.render_token(site.forms["open"])
-        assert services.render_stamp_valid(stamp, site.forms["open"])
-        assert not services.render_stamp_valid(stamp, site.forms["guarded"])
+        stamp = intake.render_token(site.forms["open"])
+        assert intake.render_stamp_valid(stamp, site.forms["open"])
+        assert not intake.render_stamp_valid(stamp, site.forms["guarded"])
 
 
 # =================================================================================================
