@@ -28,6 +28,7 @@ import migrate
 import tasks
 import users
 import validation
+from links import external_url
 from settings import current_settings
 
 log = structlog.get_logger("mailslot.services")
@@ -138,7 +139,7 @@ def delete_submission(submission: dal.Submission) -> None:
 
 def endpoint_url(form: dal.Form) -> str:
     """The address a website's form posts to."""
-    return f"{current_settings().base_url}/f/{form.public_id}"
+    return external_url("public.submit", public_id=form.public_id)
 
 
 def install_snippets(form: dal.Form) -> dict[str, str]:
@@ -193,7 +194,8 @@ def install_snippets(form: dal.Form) -> dict[str, str]:
             "});",
         ]
     )
-    return {"html": html_snippet, "fetch": fetch_snippet, "hosted": action, "action": action}
+    hosted = external_url("public.hosted_page", public_id=form.public_id)
+    return {"html": html_snippet, "fetch": fetch_snippet, "hosted": hosted, "action": action}
 
 
 # =================================================================================================
