@@ -33,7 +33,7 @@ from pydantic import (
 from pydantic.json_schema import models_json_schema
 from werkzeug.exceptions import RequestEntityTooLarge
 
-import dal
+import records
 import services
 import users
 import validation
@@ -723,7 +723,7 @@ def decode_cursor(cursor: str) -> int:
     return min(int.from_bytes(base64.urlsafe_b64decode(cursor)) ^ _CURSOR_MASK, _LAST_POSITION)
 
 
-def _api_form(form_id: str) -> dal.Form:
+def _api_form(form_id: str) -> records.Form:
     """The token owner's form, or 404 (also for someone else's)."""
     try:
         if _PUBLIC_ID.fullmatch(form_id):
@@ -733,7 +733,7 @@ def _api_form(form_id: str) -> dal.Form:
     raise ApiError(404, "not_found", "You have no form with this id.")
 
 
-def _api_submission(submission_id: str) -> dal.SubmissionWithForm:
+def _api_submission(submission_id: str) -> records.SubmissionWithForm:
     """A submission of one of the token owner's forms, or 404."""
     try:
         if _PUBLIC_ID.fullmatch(submission_id):

@@ -26,6 +26,7 @@ import structlog
 from flask import Flask, current_app
 
 import dal
+import records
 
 if TYPE_CHECKING:
     from settings import Settings
@@ -119,7 +120,7 @@ def _key(*parts: Any) -> str:
 # =================================================================================================
 
 
-def public_form(public_id: str) -> dal.PublicForm | None:
+def public_form(public_id: str) -> records.PublicForm | None:
     """A form by public id through the cache (a miss reads SQL and fills the cache)."""
     try:
         raw = stores().redis.get(_key("form", public_id))
@@ -129,12 +130,12 @@ def public_form(public_id: str) -> dal.PublicForm | None:
     return _form_from_cache_or_sql(public_id, raw)
 
 
-def _form_from_cache_or_sql(public_id: str, raw: str | None) -> dal.PublicForm | None:
+def _form_from_cache_or_sql(public_id: str, raw: str | None) -> records.PublicForm | None:
     """A cache reply decoded; on a miss the form from SQL, written to the cache (a found form
     for FORM_CACHE_TTL, an unknown id for NEGATIVE_CACHE_TTL)."""
     if raw is not None:
         data = json.loads(raw)
-        return dal.PublicForm(**data) if data else None
+        return records.PublicForm(**data) if data else None
     form = _form_from_sql(public_id)
     ttl = FORM_CACHE_TTL if form is not None else NEGATIVE_CACHE_TTL
     fill = dal.json_text(dataclasses.asdict(form) if form is not None else None)
@@ -145,7 +146,7 @@ def _form_from_cache_or_sql(public_id: str, raw: str | None) -> dal.PublicForm |
     return form
 
 
-def _form_from_sql(public_id: str) -> dal.PublicForm | None:
+def _form_from_sql(public_id: str) -> records.PublicForm | None:
     """The public view of a form, read from SQL."""
     with dal.connection() as conn:
         return dal.public_view_of_form(conn, public_id)
@@ -153,7 +154,7 @@ def _form_from_sql(public_id: str) -> dal.PublicForm | None:
 
 def intake_lookup(
     public_id: str, limits: list[Limit], counters: tuple[tuple[str, int], ...] = ()
-) -> tuple[dal.PublicForm | None, LimitResult]:
+) -> tuple[records.PublicForm | None, LimitResult]:
     """The submission path's Redis work: the cached form, the limits and the counters together.
 
     One round trip with a warm cache; a miss reads SQL and writes the fill in a second one.

@@ -2,7 +2,9 @@
 transactions, and every query.
 
 Query functions take a connection first so that callers compose them inside one transaction
-(``with transaction() as conn: ...``). Nothing here knows about Flask requests or talks to Redis
+(``with transaction() as conn: ...``) and hand rows back as ``records`` (never SQLAlchemy rows);
+SQLAlchemy's errors leave as this module's own (DatabaseUnavailable, Duplicate, ...). It is the
+only module that imports SQLAlchemy. Nothing here knows about Flask requests or talks to Redis
 (``cache`` does, and calls this module for its SQL fallbacks).
 """
 
@@ -23,6 +25,8 @@ import structlog
 from flask import Flask, current_app
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
+
+import records
 
 if TYPE_CHECKING:
     from settings import Settings
@@ -182,236 +186,18 @@ api_tokens = sa.Table(
 # Alembic's own table (not ours to create): the revision the database is at.
 _alembic_version = sa.table("alembic_version", sa.column("version_num", sa.String))
 
-# =================================================================================================
-# Records: what rows leave this module as
-# =================================================================================================
-# Small frozen records, never SQLAlchemy rows. Those that mirror a table list its columns in the
-# table's order (test_dal holds them to it), so a row of ``select(table)`` builds one by position:
-# the cheapest way, which exports of many rows rely on. Joined shapes add their columns after.
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    """An owner's account."""
-
-    id: int
-    email: str
-    password_hash: str
-    email_confirmed_at: dt.datetime | None
-    session_version: int
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Form:
-    """A form with all its settings (the webhook secret included: owners' side only)."""
-
-    id: int
-    public_id: str
-    owner_id: int
-    name: str
-    fields: list[dict[str, Any]]
-    schema_version: int
-    strict: bool
-    redirect_url: str | None
-    allowed_domains: list[str]
-    honeypot_field: str
-    webhook_url: str | None
-    webhook_secret: str | None
-    notify: bool
-    retention_days: int | None
-    description: str
-    thanks_message: str
-    show_branding: bool
-    spam_rules: dict[str, list[str]]
-    status: str
-    created_at: dt.datetime
-    updated_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class FormWithCounts(Form):
-    """A form on the owner's list: its non-spam submissions and when the newest came."""
-
-    submission_count: int
-    newest_at: dt.datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class PublicForm:
-    """What the submission path and the hosted page know of a form (cached in Redis): never
-    its webhook secret."""
-
-    id: int
-    public_id: str
-    owner_id: int
-    name: str
-    fields: list[dict[str, Any]]
-    schema_version: int
-    strict: bool
-    redirect_url: str | None
-    allowed_domains: list[str]
-    honeypot_field: str
-    webhook_url: str | None
-    notify: bool
-    status: str
-    spam_rules: dict[str, list[str]]
-    description: str
-    thanks_message: str
-    show_branding: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Submission:
-    """One stored submission."""
-
-    id: int
-    public_id: str
-    form_id: int
-    data: dict[str, Any]
-    schema_version: int
-    is_spam: bool
-    spam_reason: str | None
-    ip_hash: str | None
-    user_agent: str | None
-    referrer: str | None
-    meta: dict[str, Any]
-    search_text: str
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class SubmissionWithForm(Submission):
-    """A submission found by its own id, with its form's public id."""
-
-    form_public_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class ExportedSubmission:
-    """What an export writes of one submission."""
-
-    id: int
-    public_id: str
-    data: dict[str, Any]
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class SubmissionValues:
-    """A submission's values and control values (what erasure searches)."""
-
-    id: int
-    data: dict[str, Any]
-    meta: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One outbox row: a notification, a webhook call or an account email."""
-
-    id: int
-    submission_id: int | None
-    kind: str
-    target: str
-    status: str
-    attempts: int
-    next_attempt_at: dt.datetime
-    last_error: str | None
-    updated_at: dt.datetime
-    user_id: int | None
-    template: str | None
-    params: dict[str, Any] | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadDelivery(Delivery):
-    """A delivery that ran out of attempts, with its submission's public id."""
-
-    submission_public_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class SubmissionDelivery:
-    """What sending a submission's notification or webhook needs: the delivery, the submission,
-    its form and the form's owner."""
-
-    delivery_id: int
-    kind: str
-    target: str
-    attempts: int
-    submission_id: int
-    submission_public_id: str
-    data: dict[str, Any]
-    meta: dict[str, Any]
-    created_at: dt.datetime
-    is_spam: bool
-    form_id: int
-    form_public_id: str
-    form_name: str
-    webhook_url: str | None
-    webhook_secret: str | None
-    owner_email: str
-    owner_confirmed_at: dt.datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class AccountDelivery:
-    """What sending an account email needs: the delivery and the account."""
-
-    delivery_id: int
-    kind: str
-    target: str
-    attempts: int
-    template: str
-    params: dict[str, Any] | None
-    user_id: int
-    user_email: str
-    user_confirmed_at: dt.datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class ApiToken:
-    """An API token as stored: its hash and visible prefix, never the token."""
-
-    id: int
-    user_id: int
-    name: str
-    prefix: str
-    token_hash: str
-    created_at: dt.datetime
-    last_used_at: dt.datetime | None
-    revoked_at: dt.datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class ApiTokenWithOwner(ApiToken):
-    """A token a request presented, with its owner's address and account age."""
-
-    email: str
-    email_confirmed_at: dt.datetime | None
-    user_created_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class DayCount:
-    """Submissions received on one UTC day."""
-
-    day: dt.date
-    count: int
-
-
 R = TypeVar("R")
 
 
-def _record(cls: Callable[..., R], row: Any) -> R | None:
-    """A record from one row by position (None for no row)."""
+def _one(cls: Callable[..., R], result: sa.Result[Any]) -> R | None:
+    """The record of a result's one row, built by position; None when there is no row."""
+    row = result.one_or_none()
     return None if row is None else cls(*row)
 
 
-def _records(cls: Callable[..., R], rows: Iterable[Any]) -> list[R]:
-    """Records from rows by position."""
-    return [cls(*row) for row in rows]
+def _all(cls: Callable[..., R], result: Iterable[Any]) -> list[R]:
+    """The records of a result's rows, built by position."""
+    return [cls(*row) for row in result]
 
 
 # =================================================================================================
@@ -651,22 +437,22 @@ def new_public_id() -> str:
 # =================================================================================================
 
 
-def insert_user(conn: Connection, email: str, password_hash: str) -> User:
+def insert_user(conn: Connection, email: str, password_hash: str) -> records.User:
     """Add an owner; raises Duplicate when the email is taken."""
     user_id = conn.execute(
         sa.insert(users).values(email=email, password_hash=password_hash, created_at=utcnow())
     ).inserted_primary_key[0]
-    return User(*conn.execute(sa.select(users).where(users.c.id == user_id)).one())
+    return records.User(*conn.execute(sa.select(users).where(users.c.id == user_id)).one())
 
 
-def user_by_email(conn: Connection, email: str) -> User | None:
+def user_by_email(conn: Connection, email: str) -> records.User | None:
     """The owner with this (lower-cased) email."""
-    return _record(User, conn.execute(sa.select(users).where(users.c.email == email)).one_or_none())
+    return _one(records.User, conn.execute(sa.select(users).where(users.c.email == email)))
 
 
-def user_by_id(conn: Connection, user_id: int) -> User | None:
+def user_by_id(conn: Connection, user_id: int) -> records.User | None:
     """The owner with this id."""
-    return _record(User, conn.execute(sa.select(users).where(users.c.id == user_id)).one_or_none())
+    return _one(records.User, conn.execute(sa.select(users).where(users.c.id == user_id)))
 
 
 def set_password_hash(conn: Connection, user_id: int, password_hash: str) -> None:
@@ -703,7 +489,9 @@ FORM_COLUMNS = (
 )  # fmt: skip
 
 
-def insert_form(conn: Connection, owner_id: int, public_id: str, values: dict[str, Any]) -> Form:
+def insert_form(
+    conn: Connection, owner_id: int, public_id: str, values: dict[str, Any]
+) -> records.Form:
     """Add a form for an owner."""
     now = utcnow()
     form_id = conn.execute(
@@ -711,7 +499,7 @@ def insert_form(conn: Connection, owner_id: int, public_id: str, values: dict[st
             owner_id=owner_id, public_id=public_id, created_at=now, updated_at=now, **values
         )
     ).inserted_primary_key[0]
-    return Form(*conn.execute(sa.select(forms).where(forms.c.id == form_id)).one())
+    return records.Form(*conn.execute(sa.select(forms).where(forms.c.id == form_id)).one())
 
 
 def update_form(conn: Connection, form_id: int, values: dict[str, Any]) -> None:
@@ -738,31 +526,28 @@ def delete_form(conn: Connection, form_id: int) -> None:
     conn.execute(sa.delete(forms).where(forms.c.id == form_id))
 
 
-def form_by_public_id(conn: Connection, public_id: str) -> Form | None:
+def form_by_public_id(conn: Connection, public_id: str) -> records.Form | None:
     """A form by its public id, whoever owns it."""
-    row = conn.execute(sa.select(forms).where(forms.c.public_id == public_id)).one_or_none()
-    return _record(Form, row)
+    return _one(records.Form, conn.execute(sa.select(forms).where(forms.c.public_id == public_id)))
 
 
-_PUBLIC_FORM = sa.select(*(forms.c[name] for name in PublicForm.__dataclass_fields__)).where(
-    forms.c.public_id == sa.bindparam("public_id")
-)
+_PUBLIC_FORM = sa.select(
+    *(forms.c[name] for name in records.PublicForm.__dataclass_fields__)
+).where(forms.c.public_id == sa.bindparam("public_id"))
 
 
-def public_view_of_form(conn: Connection, public_id: str) -> PublicForm | None:
+def public_view_of_form(conn: Connection, public_id: str) -> records.PublicForm | None:
     """The public view of a form by its public id, whoever owns it (the cache's fill)."""
-    return _record(PublicForm, conn.execute(_PUBLIC_FORM, {"public_id": public_id}).one_or_none())
+    return _one(records.PublicForm, conn.execute(_PUBLIC_FORM, {"public_id": public_id}))
 
 
-def owned_form(conn: Connection, owner_id: int, public_id: str) -> Form | None:
+def owned_form(conn: Connection, owner_id: int, public_id: str) -> records.Form | None:
     """A form by public id, only when this owner has it."""
-    row = conn.execute(
-        sa.select(forms).where(forms.c.public_id == public_id, forms.c.owner_id == owner_id)
-    ).one_or_none()
-    return _record(Form, row)
+    query = sa.select(forms).where(forms.c.public_id == public_id, forms.c.owner_id == owner_id)
+    return _one(records.Form, conn.execute(query))
 
 
-def forms_with_counts(conn: Connection, owner_id: int) -> list[FormWithCounts]:
+def forms_with_counts(conn: Connection, owner_id: int) -> list[records.FormWithCounts]:
     """The owner's forms, newest first, with submission counts and the newest submission time."""
     counts = (
         sa.select(
@@ -784,7 +569,7 @@ def forms_with_counts(conn: Connection, owner_id: int) -> list[FormWithCounts]:
         .where(forms.c.owner_id == owner_id)
         .order_by(forms.c.id.desc())
     )
-    return _records(FormWithCounts, conn.execute(query))
+    return _all(records.FormWithCounts, conn.execute(query))
 
 
 # The submission path's statements are built once: executed with a parameter dict they reuse
@@ -798,9 +583,9 @@ _INSERT_SUBMISSION = sa.insert(submissions).returning(*submissions.c)
 _INSERT_DELIVERIES = sa.insert(deliveries).returning(deliveries.c.id, sort_by_parameter_order=True)
 
 
-def owner_of_form(conn: Connection, form_id: int) -> User | None:
+def owner_of_form(conn: Connection, form_id: int) -> records.User | None:
     """The user who owns a form."""
-    return _record(User, conn.execute(_OWNER_OF_FORM, {"form_id": form_id}).one_or_none())
+    return _one(records.User, conn.execute(_OWNER_OF_FORM, {"form_id": form_id}))
 
 
 # =================================================================================================
@@ -814,10 +599,10 @@ def search_text(data: dict[str, Any]) -> str:
     return "\n".join(parts).casefold()
 
 
-def insert_submission(conn: Connection, values: dict[str, Any]) -> Submission:
+def insert_submission(conn: Connection, values: dict[str, Any]) -> records.Submission:
     """Store one submission (its search text is derived from its data)."""
     values = {"search_text": search_text(values["data"]), **values, "created_at": utcnow()}
-    return Submission(*conn.execute(_INSERT_SUBMISSION, values).one())
+    return records.Submission(*conn.execute(_INSERT_SUBMISSION, values).one())
 
 
 def insert_deliveries(
@@ -859,7 +644,7 @@ def submission_page(
     spam: bool | None = False,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
-) -> list[Submission]:
+) -> list[records.Submission]:
     """One page of a form's submissions, newest first, keyset-paged by id (``before``)."""
     stmt = sa.select(submissions).where(submissions.c.form_id == form_id)
     if before is not None:
@@ -874,22 +659,24 @@ def submission_page(
         stmt = stmt.where(submissions.c.created_at >= since)
     if until is not None:
         stmt = stmt.where(submissions.c.created_at < until)
-    return _records(Submission, conn.execute(stmt.order_by(submissions.c.id.desc()).limit(limit)))
+    return _all(
+        records.Submission, conn.execute(stmt.order_by(submissions.c.id.desc()).limit(limit))
+    )
 
 
 _EXPORTED_SUBMISSION = sa.select(
-    *(submissions.c[name] for name in ExportedSubmission.__dataclass_fields__)
+    *(submissions.c[name] for name in records.ExportedSubmission.__dataclass_fields__)
 )
 
 
 def iter_submissions(
     conn: Connection, form_id: int, batch: int = 1000
-) -> Iterator[ExportedSubmission]:
+) -> Iterator[records.ExportedSubmission]:
     """Every non-spam submission of a form, oldest first, fetched in batches (constant memory)."""
     last = 0
     while True:
-        rows = _records(
-            ExportedSubmission,
+        rows = _all(
+            records.ExportedSubmission,
             conn.execute(
                 _EXPORTED_SUBMISSION.where(
                     submissions.c.form_id == form_id,
@@ -906,14 +693,12 @@ def iter_submissions(
         last = rows[-1].id
 
 
-def submission_in_form(conn: Connection, form_id: int, public_id: str) -> Submission | None:
+def submission_in_form(conn: Connection, form_id: int, public_id: str) -> records.Submission | None:
     """A submission by public id, only within this form."""
-    row = conn.execute(
-        sa.select(submissions).where(
-            submissions.c.form_id == form_id, submissions.c.public_id == public_id
-        )
-    ).one_or_none()
-    return _record(Submission, row)
+    query = sa.select(submissions).where(
+        submissions.c.form_id == form_id, submissions.c.public_id == public_id
+    )
+    return _one(records.Submission, conn.execute(query))
 
 
 def set_spam(conn: Connection, submission_id: int, is_spam: bool, reason: str | None) -> None:
@@ -930,10 +715,10 @@ def delete_submission(conn: Connection, submission_id: int) -> None:
     _delete_submissions(conn, [submission_id])
 
 
-def deliveries_for(conn: Connection, submission_id: int) -> list[Delivery]:
+def deliveries_for(conn: Connection, submission_id: int) -> list[records.Delivery]:
     """A submission's delivery log."""
-    return _records(
-        Delivery,
+    return _all(
+        records.Delivery,
         conn.execute(
             sa.select(deliveries)
             .where(deliveries.c.submission_id == submission_id)
@@ -958,7 +743,7 @@ def spam_count(conn: Connection, form_id: int) -> int:
 
 def claim_delivery(
     conn: Connection, delivery_id: int, lease_seconds: int, expect_attempts: int | None = None
-) -> Delivery | None:
+) -> records.Delivery | None:
     """Take a delivery for sending: pending, or sending with an expired lease. None = no-op.
 
     One conditional UPDATE, so two workers holding the same message cannot both win. With
@@ -986,7 +771,7 @@ def claim_delivery(
     )
     if result.rowcount != 1:
         return None
-    return Delivery(
+    return records.Delivery(
         *conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
     )
 
@@ -1015,7 +800,7 @@ _DELIVERY_ROW = (
 )
 
 
-def delivery_context(conn: Connection, delivery_id: int) -> SubmissionDelivery | None:
+def delivery_context(conn: Connection, delivery_id: int) -> records.SubmissionDelivery | None:
     """A delivery with its submission, form and owner, for building the message."""
     query = (
         sa.select(
@@ -1042,7 +827,7 @@ def delivery_context(conn: Connection, delivery_id: int) -> SubmissionDelivery |
         .where(deliveries.c.id == delivery_id)
     )
     row = conn.execute(query).one_or_none()
-    return None if row is None else SubmissionDelivery(**row._mapping)
+    return None if row is None else records.SubmissionDelivery(**row._mapping)
 
 
 def insert_account_delivery(
@@ -1069,7 +854,7 @@ def insert_account_delivery(
     ).inserted_primary_key[0]
 
 
-def account_delivery_context(conn: Connection, delivery_id: int) -> AccountDelivery | None:
+def account_delivery_context(conn: Connection, delivery_id: int) -> records.AccountDelivery | None:
     """An account email with its account, for building the message."""
     query = (
         sa.select(
@@ -1084,13 +869,13 @@ def account_delivery_context(conn: Connection, delivery_id: int) -> AccountDeliv
         .where(deliveries.c.id == delivery_id, deliveries.c.submission_id.is_(None))
     )
     row = conn.execute(query).one_or_none()
-    return None if row is None else AccountDelivery(**row._mapping)
+    return None if row is None else records.AccountDelivery(**row._mapping)
 
 
-def account_deliveries(conn: Connection, user_id: int, limit: int = 20) -> list[Delivery]:
+def account_deliveries(conn: Connection, user_id: int, limit: int = 20) -> list[records.Delivery]:
     """The account emails of one owner, newest first."""
-    return _records(
-        Delivery,
+    return _all(
+        records.Delivery,
         conn.execute(
             sa.select(deliveries)
             .where(deliveries.c.user_id == user_id, deliveries.c.submission_id.is_(None))
@@ -1100,16 +885,16 @@ def account_deliveries(conn: Connection, user_id: int, limit: int = 20) -> list[
     )
 
 
-def owned_account_delivery(conn: Connection, user_id: int, delivery_id: int) -> Delivery | None:
+def owned_account_delivery(
+    conn: Connection, user_id: int, delivery_id: int
+) -> records.Delivery | None:
     """One account email, only when it is this owner's."""
-    row = conn.execute(
-        sa.select(deliveries).where(
-            deliveries.c.id == delivery_id,
-            deliveries.c.user_id == user_id,
-            deliveries.c.submission_id.is_(None),
-        )
-    ).one_or_none()
-    return _record(Delivery, row)
+    query = sa.select(deliveries).where(
+        deliveries.c.id == delivery_id,
+        deliveries.c.user_id == user_id,
+        deliveries.c.submission_id.is_(None),
+    )
+    return _one(records.Delivery, conn.execute(query))
 
 
 def due_deliveries(conn: Connection, limit: int, push_back_seconds: int) -> list[tuple[int, int]]:
@@ -1209,10 +994,10 @@ def set_delivery_target(conn: Connection, delivery_id: int, target: str) -> None
     conn.execute(sa.update(deliveries).where(deliveries.c.id == delivery_id).values(target=target))
 
 
-def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[DeadDelivery]:
+def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[records.DeadDelivery]:
     """A form's dead deliveries with their submission ids, newest first."""
-    return _records(
-        DeadDelivery,
+    return _all(
+        records.DeadDelivery,
         conn.execute(
             sa.select(deliveries, submissions.c.public_id.label("submission_public_id"))
             .join(submissions, submissions.c.id == deliveries.c.submission_id)
@@ -1230,20 +1015,22 @@ def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[De
 
 def insert_api_token(
     conn: Connection, user_id: int, name: str, prefix: str, token_hash: str
-) -> ApiToken:
+) -> records.ApiToken:
     """Store a new API token (its hash and visible prefix, never the token itself)."""
     token_id = conn.execute(
         sa.insert(api_tokens).values(
             user_id=user_id, name=name, prefix=prefix, token_hash=token_hash, created_at=utcnow()
         )
     ).inserted_primary_key[0]
-    return ApiToken(*conn.execute(sa.select(api_tokens).where(api_tokens.c.id == token_id)).one())
+    return records.ApiToken(
+        *conn.execute(sa.select(api_tokens).where(api_tokens.c.id == token_id)).one()
+    )
 
 
-def active_api_tokens(conn: Connection, user_id: int) -> list[ApiToken]:
+def active_api_tokens(conn: Connection, user_id: int) -> list[records.ApiToken]:
     """An owner's tokens that are not revoked, newest first."""
-    return _records(
-        ApiToken,
+    return _all(
+        records.ApiToken,
         conn.execute(
             sa.select(api_tokens)
             .where(api_tokens.c.user_id == user_id, api_tokens.c.revoked_at.is_(None))
@@ -1252,9 +1039,9 @@ def active_api_tokens(conn: Connection, user_id: int) -> list[ApiToken]:
     )
 
 
-def api_token_by_hash(conn: Connection, token_hash: str) -> ApiTokenWithOwner | None:
+def api_token_by_hash(conn: Connection, token_hash: str) -> records.ApiTokenWithOwner | None:
     """The unrevoked token with this hash, with its owner's email and confirmation time."""
-    row = conn.execute(
+    query = (
         sa.select(
             api_tokens,
             users.c.email,
@@ -1263,8 +1050,8 @@ def api_token_by_hash(conn: Connection, token_hash: str) -> ApiTokenWithOwner | 
         )
         .join(users, users.c.id == api_tokens.c.user_id)
         .where(api_tokens.c.token_hash == token_hash, api_tokens.c.revoked_at.is_(None))
-    ).one_or_none()
-    return _record(ApiTokenWithOwner, row)
+    )
+    return _one(records.ApiTokenWithOwner, conn.execute(query))
 
 
 def revoke_api_token(conn: Connection, user_id: int, token_id: int) -> bool:
@@ -1296,14 +1083,16 @@ def touch_api_token(conn: Connection, token_id: int, now: dt.datetime, every: in
     )
 
 
-def owned_submission(conn: Connection, owner_id: int, public_id: str) -> SubmissionWithForm | None:
+def owned_submission(
+    conn: Connection, owner_id: int, public_id: str
+) -> records.SubmissionWithForm | None:
     """A submission by public id with its form's public id, only when this owner has the form."""
-    row = conn.execute(
+    query = (
         sa.select(submissions, forms.c.public_id.label("form_public_id"))
         .join(forms, forms.c.id == submissions.c.form_id)
         .where(submissions.c.public_id == public_id, forms.c.owner_id == owner_id)
-    ).one_or_none()
-    return _record(SubmissionWithForm, row)
+    )
+    return _one(records.SubmissionWithForm, conn.execute(query))
 
 
 # =================================================================================================
@@ -1311,7 +1100,7 @@ def owned_submission(conn: Connection, owner_id: int, public_id: str) -> Submiss
 # =================================================================================================
 
 
-def daily_counts(conn: Connection, form_id: int, days: int) -> list[DayCount]:
+def daily_counts(conn: Connection, form_id: int, days: int) -> list[records.DayCount]:
     """Non-spam submissions per UTC day for the last ``days`` days, oldest first, zeros included."""
     first = utcnow().date() - dt.timedelta(days=days - 1)
     since = dt.datetime.combine(first, dt.time(), tzinfo=dt.UTC)
@@ -1335,7 +1124,7 @@ def daily_counts(conn: Connection, form_id: int, days: int) -> list[DayCount]:
         for row in rows
     }
     dates = [first + dt.timedelta(days=offset) for offset in range(days)]
-    return [DayCount(date, found.get(date, 0)) for date in dates]
+    return [records.DayCount(date, found.get(date, 0)) for date in dates]
 
 
 # =================================================================================================
@@ -1368,7 +1157,7 @@ def purge_before(conn: Connection, form_id: int, cutoff: dt.datetime, batch: int
 
 def submissions_mentioning(
     conn: Connection, owner_id: int, text: str
-) -> Iterator[SubmissionValues]:
+) -> Iterator[records.SubmissionValues]:
     """The owner's submissions whose data or control values contain ``text`` (candidates)."""
     pattern = _like_pattern(text)
     query = (
@@ -1384,7 +1173,7 @@ def submissions_mentioning(
         .order_by(submissions.c.id)
     )
     for row in conn.execute(query):
-        yield SubmissionValues(*row)
+        yield records.SubmissionValues(*row)
 
 
 def delete_submissions(conn: Connection, ids: list[int]) -> int:

@@ -41,6 +41,7 @@ from flask import current_app, render_template
 from itsdangerous import URLSafeTimedSerializer
 
 import dal
+import records
 from links import external_url
 from settings import current_settings
 
@@ -355,7 +356,7 @@ def reply_to_address(meta: dict[str, Any], data: dict[str, Any]) -> str | None:
     return None
 
 
-def send_notification(context: dal.SubmissionDelivery) -> None:
+def send_notification(context: records.SubmissionDelivery) -> None:
     """Email the form's owner about one submission, only ever to the confirmed address.
 
     A submitter's subject or reply address that cannot be used is left out, never the email:
@@ -423,7 +424,7 @@ class AccountEmail:
     subject: str
     template: str  # "email/<name>": .txt and .html
     # The templates' values, or None when the email is no longer needed (the note says why).
-    values: Callable[[dal.AccountDelivery], dict[str, Any] | None]
+    values: Callable[[records.AccountDelivery], dict[str, Any] | None]
     skipped_note: str = ""
     # Sent to the account's current address only (a row queued for an old address is dead).
     to_account_address: bool = True
@@ -440,7 +441,7 @@ def confirmation_link(user_id: int, email: str) -> str:
     return external_url("pages.confirm_email", token=token)
 
 
-def _confirm_values(context: dal.AccountDelivery) -> dict[str, Any] | None:
+def _confirm_values(context: records.AccountDelivery) -> dict[str, Any] | None:
     """A fresh confirmation link for the account's current address; None once confirmed."""
     if context.user_confirmed_at is not None:
         return None
@@ -448,7 +449,7 @@ def _confirm_values(context: dal.AccountDelivery) -> dict[str, Any] | None:
     return {"link": link, "email": context.user_email}
 
 
-def _account_exists_values(context: dal.AccountDelivery) -> dict[str, Any]:
+def _account_exists_values(context: records.AccountDelivery) -> dict[str, Any]:
     """The address and where to log in (nothing secret: the person asking may not own it)."""
     return {"email": context.user_email, "login_link": external_url("pages.login")}
 
@@ -470,7 +471,7 @@ ACCOUNT_EMAILS: dict[str, AccountEmail] = {
 }
 
 
-def send_account_email(context: dal.AccountDelivery) -> str | None:
+def send_account_email(context: records.AccountDelivery) -> str | None:
     """Send one account email; a note when it was no longer needed and was not sent."""
     spec = ACCOUNT_EMAILS.get(context.template)
     if spec is None:
@@ -747,7 +748,7 @@ def sign_webhook(secret: str, message_id: str, timestamp: int, body: bytes) -> s
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def webhook_body(context: dal.SubmissionDelivery, timestamp: int) -> bytes:
+def webhook_body(context: records.SubmissionDelivery, timestamp: int) -> bytes:
     """The JSON event for one submission."""
     event = {
         "type": "submission.created",
@@ -831,7 +832,7 @@ WEBHOOK_GONE = "the receiver answered 410 Gone; webhook disabled"
 WEBHOOK_REMOVED = "cancelled: the form's webhook was removed"
 
 
-def send_webhook(context: dal.SubmissionDelivery) -> None:
+def send_webhook(context: records.SubmissionDelivery) -> None:
     """Deliver the submission.created event; 2xx done, 410 disables, 429/5xx retry.
 
     It goes to the form's webhook URL and secret as they are now, not as they were when the

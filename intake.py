@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-import validation
 from flask import current_app
 from itsdangerous import BadData, URLSafeTimedSerializer
 
 import cache
 import dal
+import records
 import tasks
+import validation
 from links import external_url
 from settings import current_settings
 
@@ -74,7 +75,7 @@ class IntakeRequest:
 class IntakeResult:
     """What happened: stored, trapped by the honeypot, or refused with per-field errors."""
 
-    form: dal.PublicForm
+    form: records.PublicForm
     outcome: str  # "stored", "honeypot", "invalid"
     submission_id: str = ""
     errors: dict[str, list[str]] = field(default_factory=dict)
@@ -82,19 +83,19 @@ class IntakeResult:
     delivery_ids: list[int] = field(default_factory=list)
 
 
-def public_form(public_id: str) -> dal.PublicForm:
+def public_form(public_id: str) -> records.PublicForm:
     """A form by public id for the public side, through the Redis cache."""
     return _available(cache.public_form(public_id))
 
 
-def _available(form: dal.PublicForm | None) -> dal.PublicForm:
+def _available(form: records.PublicForm | None) -> records.PublicForm:
     """The form, or the 404 every public route gives for an unknown id."""
     if form is None:
         raise FormUnavailable(404, "There is no form at this address. Check the form's action URL.")
     return form
 
 
-def _on_trusted_site(form: dal.PublicForm, url: validation.WebUrl, *, exact_port: bool) -> bool:
+def _on_trusted_site(form: records.PublicForm, url: validation.WebUrl, *, exact_port: bool) -> bool:
     """Whether ``url`` is on Mailslot's own site or on one of the form's allowed domains.
 
     An allowed entry that names a port matches that port only. One that names none matches
@@ -116,7 +117,7 @@ def _on_trusted_site(form: dal.PublicForm, url: validation.WebUrl, *, exact_port
     return False
 
 
-def origin_allowed(form: dal.PublicForm, origin: str | None, referrer: str | None) -> bool:
+def origin_allowed(form: records.PublicForm, origin: str | None, referrer: str | None) -> bool:
     """Cross-site posts only from the allowed domains, when the owner listed any.
 
     ``Origin: null`` (a sandboxed frame, a local file, a privacy-preserving context) hides the
@@ -137,7 +138,7 @@ def origin_allowed(form: dal.PublicForm, origin: str | None, referrer: str | Non
     return url is not None and _on_trusted_site(form, url, exact_port=False)
 
 
-def cors_origin(form: dal.PublicForm | None, origin: str | None) -> str | None:
+def cors_origin(form: records.PublicForm | None, origin: str | None) -> str | None:
     """The Access-Control-Allow-Origin value for this origin, or None to send none."""
     if form is None or not form.allowed_domains:
         return "*"
@@ -147,7 +148,7 @@ def cors_origin(form: dal.PublicForm | None, origin: str | None) -> str | None:
     return None
 
 
-def safe_redirect(form: dal.PublicForm, next_url: Any, posted_from: str | None) -> str | None:
+def safe_redirect(form: records.PublicForm, next_url: Any, posted_from: str | None) -> str | None:
     """``_next`` resolved against the posting page, if it stays on a site this form trusts.
 
     The answer is the URL as parsed and checked (see ``validation.parse_web_url``), never the text
@@ -301,7 +302,7 @@ def record_submission(req: IntakeRequest) -> IntakeResult:
 
 
 def _queue_deliveries(
-    conn: Any, form: dal.PublicForm, submission: dal.Submission, *, held: bool
+    conn: Any, form: records.PublicForm, submission: records.Submission, *, held: bool
 ) -> list[int]:
     """Outbox rows for a new submission, in its transaction: email to a confirmed owner, webhook.
 

@@ -55,6 +55,7 @@ import dal
 import forms
 import intake
 import migrate
+import records
 import services
 import tasks
 import users
@@ -395,7 +396,7 @@ def safe_next(target: str | None, default: str) -> str:
     return target
 
 
-def _start_session(user: dal.User) -> None:
+def _start_session(user: records.User) -> None:
     """Clear whatever the browser had and issue a fresh session for this user."""
     session.clear()
     session["uid"] = user.id
@@ -583,7 +584,7 @@ def forms_index() -> str:
     return render_template("forms_index.html", forms=services.list_forms(g.user.id))
 
 
-def _owned_form(public_id: str) -> dal.Form:
+def _owned_form(public_id: str) -> records.Form:
     """The logged-in owner's form, or 404 (also for someone else's form)."""
     try:
         return services.owned_form(g.user.id, public_id)
@@ -591,7 +592,7 @@ def _owned_form(public_id: str) -> dal.Form:
         abort(404)
 
 
-def _owned_submission(form: dal.Form, submission_id: str) -> dal.Submission:
+def _owned_submission(form: records.Form, submission_id: str) -> records.Submission:
     """A submission of the owner's form, or 404."""
     try:
         return services.owned_submission(form, submission_id)
@@ -669,7 +670,7 @@ def form_webhook_secret(public_id: str) -> Any:
     return _secret_page(record, secret)
 
 
-def _secret_page(record: dal.Form, secret: str) -> Any:
+def _secret_page(record: records.Form, secret: str) -> Any:
     """The settings page showing the signing secret in full, kept out of every cache."""
     response = current_app.make_response(_render_settings(record, shown_secret=secret))
     response.headers["Cache-Control"] = "no-store"
@@ -677,7 +678,10 @@ def _secret_page(record: dal.Form, secret: str) -> Any:
 
 
 def _render_settings(
-    record: dal.Form, form: Any = None, webhook_form: Any = None, shown_secret: str | None = None
+    record: records.Form,
+    form: Any = None,
+    webhook_form: Any = None,
+    shown_secret: str | None = None,
 ) -> str:
     """The settings page with its two forms; the signing secret masked unless ``shown_secret``."""
     if form is None:
@@ -834,7 +838,7 @@ def export_json(public_id: str) -> Any:
     return _download(services.export_json(record), record, "json", "application/json")
 
 
-def _download(chunks: Any, record: dal.Form, extension: str, content_type: str) -> Any:
+def _download(chunks: Any, record: records.Form, extension: str, content_type: str) -> Any:
     """A streamed attachment named after the form, with exactly this Content-Type (werkzeug
     would add a second charset to a text/* ``mimetype`` that already names one)."""
     response = current_app.response_class(stream_with_context(chunks), content_type=content_type)

@@ -25,6 +25,7 @@ import cache
 import dal
 import delivery
 import migrate
+import records
 import tasks
 import users
 import validation
@@ -43,13 +44,13 @@ class NotFound(LookupError):
     """The thing does not exist, or belongs to someone else: both answer 404."""
 
 
-def list_forms(owner_id: int) -> list[dal.FormWithCounts]:
+def list_forms(owner_id: int) -> list[records.FormWithCounts]:
     """The owner's forms with their submission counts and newest submission time."""
     with dal.connection() as conn:
         return dal.forms_with_counts(conn, owner_id)
 
 
-def owned_form(owner_id: int, public_id: str) -> dal.Form:
+def owned_form(owner_id: int, public_id: str) -> records.Form:
     """The owner's form, or NotFound whether it is missing or someone else's."""
     with dal.connection() as conn:
         form = dal.owned_form(conn, owner_id, public_id)
@@ -58,7 +59,7 @@ def owned_form(owner_id: int, public_id: str) -> dal.Form:
     return form
 
 
-def create_form(owner_id: int, values: dict[str, Any]) -> dal.Form:
+def create_form(owner_id: int, values: dict[str, Any]) -> records.Form:
     """Create a form from cleaned settings values."""
     with dal.transaction() as conn:
         form = dal.insert_form(conn, owner_id, dal.new_public_id(), values)
@@ -66,21 +67,21 @@ def create_form(owner_id: int, values: dict[str, Any]) -> dal.Form:
     return form
 
 
-def update_form_settings(form: dal.Form, values: dict[str, Any]) -> None:
+def update_form_settings(form: records.Form, values: dict[str, Any]) -> None:
     """Save a form's settings."""
     with cache.form_write(form.public_id) as conn:
         dal.update_form(conn, form.id, values)
     log.info("form.updated", form=form.public_id)
 
 
-def save_fields(form: dal.Form, specs: list[dict[str, Any]]) -> None:
+def save_fields(form: records.Form, specs: list[dict[str, Any]]) -> None:
     """Store a new field schema; its version goes up so old submissions keep their meaning."""
     with cache.form_write(form.public_id) as conn:
         dal.bump_schema_version(conn, form.id, specs)
     log.info("form.fields_saved", form=form.public_id, fields=len(specs))
 
 
-def delete_form(form: dal.Form) -> None:
+def delete_form(form: records.Form) -> None:
     """Remove a form and everything stored for it."""
     with cache.form_write(form.public_id) as conn:
         dal.delete_form(conn, form.id)
@@ -91,8 +92,8 @@ INBOX_PAGE_SIZE = 50
 
 
 def inbox_page(
-    form: dal.Form, *, before: int | None, query: str, spam: bool
-) -> tuple[list[dal.Submission], int | None]:
+    form: records.Form, *, before: int | None, query: str, spam: bool
+) -> tuple[list[records.Submission], int | None]:
     """One page of the inbox, newest first, and the ``before`` cursor of the next page."""
     with dal.connection() as conn:
         rows = dal.submission_page(
@@ -103,7 +104,7 @@ def inbox_page(
     return rows, (rows[-1].id if more else None)
 
 
-def owned_submission(form: dal.Form, public_id: str) -> dal.Submission:
+def owned_submission(form: records.Form, public_id: str) -> records.Submission:
     """A submission of this (already owned) form, or NotFound."""
     with dal.connection() as conn:
         submission = dal.submission_in_form(conn, form.id, public_id)
@@ -112,13 +113,13 @@ def owned_submission(form: dal.Form, public_id: str) -> dal.Submission:
     return submission
 
 
-def submission_deliveries(submission: dal.Submission) -> list[dal.Delivery]:
+def submission_deliveries(submission: records.Submission) -> list[records.Delivery]:
     """The delivery log of one submission."""
     with dal.connection() as conn:
         return dal.deliveries_for(conn, submission.id)
 
 
-def mark_spam(submission: dal.Submission, is_spam: bool) -> None:
+def mark_spam(submission: records.Submission, is_spam: bool) -> None:
     """The owner's verdict on a submission."""
     reason = "marked as spam by the owner" if is_spam else None
     with dal.transaction() as conn:
@@ -129,7 +130,7 @@ def mark_spam(submission: dal.Submission, is_spam: bool) -> None:
     tasks.dispatch_deliveries([(delivery_id, 0) for delivery_id in released])  # never attempted
 
 
-def delete_submission(submission: dal.Submission) -> None:
+def delete_submission(submission: records.Submission) -> None:
     """Remove one submission."""
     with dal.transaction() as conn:
         dal.delete_submission(conn, submission.id)
@@ -137,12 +138,12 @@ def delete_submission(submission: dal.Submission) -> None:
     log.info("submission.deleted", submission=submission.public_id)
 
 
-def endpoint_url(form: dal.Form) -> str:
+def endpoint_url(form: records.Form) -> str:
     """The address a website's form posts to."""
     return external_url("public.submit", public_id=form.public_id)
 
 
-def install_snippets(form: dal.Form) -> dict[str, str]:
+def install_snippets(form: records.Form) -> dict[str, str]:
     """Ready-to-paste HTML and fetch() code for this form, and its hosted page link."""
     action = endpoint_url(form)
     fields = form.fields or validation.DEFAULT_FIELDS
@@ -217,7 +218,7 @@ def spreadsheet_safe(value: Any) -> str:
     return text
 
 
-def _export_columns(form: dal.Form) -> list[str]:
+def _export_columns(form: records.Form) -> list[str]:
     """Schema fields in order, then every other key seen in the data, in first-seen order."""
     columns = [spec["name"] for spec in form.fields or []]
     seen = set(columns)
@@ -230,7 +231,7 @@ def _export_columns(form: dal.Form) -> list[str]:
     return columns
 
 
-def export_csv(form: dal.Form) -> Iterator[str]:
+def export_csv(form: records.Form) -> Iterator[str]:
     """The form's submissions as CSV (UTF-8 with BOM, RFC 4180), streamed row by row."""
     columns = _export_columns(form)
     buffer = io.StringIO()
@@ -256,7 +257,7 @@ def export_csv(form: dal.Form) -> Iterator[str]:
             yield flush()
 
 
-def export_json(form: dal.Form) -> Iterator[str]:
+def export_json(form: records.Form) -> Iterator[str]:
     """The form's submissions as one JSON array, streamed one object at a time."""
     yield "["
     first = True
@@ -277,7 +278,7 @@ def export_json(form: dal.Form) -> Iterator[str]:
 # =================================================================================================
 
 
-def replay_delivery(submission: dal.Submission, delivery_id: int) -> bool:
+def replay_delivery(submission: records.Submission, delivery_id: int) -> bool:
     """Send a done or dead delivery of this submission again; False if there is none to replay."""
     with dal.transaction() as conn:
         row = next(
@@ -290,7 +291,7 @@ def replay_delivery(submission: dal.Submission, delivery_id: int) -> bool:
     return replayed
 
 
-def dead_deliveries(form: dal.Form) -> list[dal.DeadDelivery]:
+def dead_deliveries(form: records.Form) -> list[records.DeadDelivery]:
     """The form's deliveries that ran out of attempts."""
     with dal.connection() as conn:
         return dal.dead_deliveries(conn, form.id)
@@ -314,7 +315,7 @@ def check_webhook_url(url: str) -> str | None:
     return None
 
 
-def set_webhook(form: dal.Form, url: str | None) -> str | None:
+def set_webhook(form: records.Form, url: str | None) -> str | None:
     """Set or remove the form's webhook; the new signing secret when a first URL made one.
 
     Deliveries still to send follow the change: they go to the new URL, or, when the webhook is
@@ -329,7 +330,7 @@ def set_webhook(form: dal.Form, url: str | None) -> str | None:
     return values.get("webhook_secret")
 
 
-def _webhook_values(form: dal.Form, url: str | None) -> dict[str, Any]:
+def _webhook_values(form: records.Form, url: str | None) -> dict[str, Any]:
     """The columns that set or remove a webhook: a first URL comes with a signing secret."""
     values: dict[str, Any] = {"webhook_url": url or None}
     if url and not form.webhook_secret:
@@ -337,7 +338,7 @@ def _webhook_values(form: dal.Form, url: str | None) -> dict[str, Any]:
     return values
 
 
-def _follow_webhook_change(conn: Any, form: dal.Form, url: str | None) -> None:
+def _follow_webhook_change(conn: Any, form: records.Form, url: str | None) -> None:
     """Point the form's unsent webhook deliveries at ``url``, or cancel them when it is None."""
     if url == form.webhook_url:
         return
@@ -347,7 +348,7 @@ def _follow_webhook_change(conn: Any, form: dal.Form, url: str | None) -> None:
         dal.retarget_webhook_deliveries(conn, form.id, url)
 
 
-def rotate_webhook_secret(form: dal.Form) -> str:
+def rotate_webhook_secret(form: records.Form) -> str:
     """Replace the signing secret and return it; the receiver must be given the new one."""
     secret = new_webhook_secret()
     with cache.form_write(form.public_id) as conn:
@@ -356,7 +357,7 @@ def rotate_webhook_secret(form: dal.Form) -> str:
     return secret
 
 
-def reveal_webhook_secret(form: dal.Form) -> str | None:
+def reveal_webhook_secret(form: records.Form) -> str | None:
     """The form's signing secret, to show its owner once more (logged, the secret never is)."""
     if form.webhook_secret:
         log.info("form.webhook_secret_revealed", form=form.public_id)
@@ -368,7 +369,7 @@ def masked_secret(secret: str) -> str:
     return f"whsec_…{secret[-4:]}"
 
 
-def send_test_event(form: dal.Form) -> str:
+def send_test_event(form: records.Form) -> str:
     """POST a signed webhook.test event now and say how the receiver answered.
 
     This runs in a web request: DNS, connect and read are each held to short limits
@@ -406,7 +407,7 @@ def send_test_event(form: dal.Form) -> str:
 CHART_DAYS = 30
 
 
-def submissions_per_day(form: dal.Form) -> list[dal.DayCount]:
+def submissions_per_day(form: records.Form) -> list[records.DayCount]:
     """The inbox chart's data: non-spam submissions per UTC day for CHART_DAYS days, oldest
     first, today last.
 
@@ -424,10 +425,10 @@ def submissions_per_day(form: dal.Form) -> list[dal.DayCount]:
     past = cache.cached_json(cache.chart_name(form.id, today), cache.STATS_TTL, past_days)
     with dal.connection() as conn:
         live = dal.daily_counts(conn, form.id, 1)
-    return [dal.DayCount(dt.date.fromisoformat(day), count) for day, count in past] + live
+    return [records.DayCount(dt.date.fromisoformat(day), count) for day, count in past] + live
 
 
-def inbox_numbers(form: Any) -> tuple[dict[str, int], list[dal.DayCount]]:
+def inbox_numbers(form: Any) -> tuple[dict[str, int], list[records.DayCount]]:
     """The inbox's stats block and its chart, consistent with each other and with the list.
 
     Today and the last 7 days (today and the six UTC days before it) come from the chart, whose
@@ -510,7 +511,7 @@ def _clean_form_value(key: str, value: Any, errors: dict[str, list[str]]) -> Any
     return value
 
 
-def clean_form_input(values: dict[str, Any], current: dal.Form | None = None) -> dict[str, Any]:
+def clean_form_input(values: dict[str, Any], current: records.Form | None = None) -> dict[str, Any]:
     """The API's form settings (only the keys sent) checked and normalised, or InvalidInput.
 
     ``current`` is the form being changed: what is not sent keeps its stored value, and the
@@ -532,7 +533,7 @@ def clean_form_input(values: dict[str, Any], current: dal.Form | None = None) ->
     return clean
 
 
-def create_form_via_api(owner_id: int, values: dict[str, Any]) -> tuple[dal.Form, str | None]:
+def create_form_via_api(owner_id: int, values: dict[str, Any]) -> tuple[records.Form, str | None]:
     """Create a form from API input; the form and, when it has a webhook, its signing secret."""
     clean = clean_form_input(values)
     secret = new_webhook_secret() if clean.get("webhook_url") else None
@@ -542,8 +543,8 @@ def create_form_via_api(owner_id: int, values: dict[str, Any]) -> tuple[dal.Form
 
 
 def update_form_via_api(
-    form: dal.Form, values: dict[str, Any], *, rotate_secret: bool = False
-) -> tuple[dal.Form, str | None]:
+    form: records.Form, values: dict[str, Any], *, rotate_secret: bool = False
+) -> tuple[records.Form, str | None]:
     """Apply an API PATCH; the fresh form and the signing secret when one was made or rotated.
 
     Everything is checked before anything is written, and written in one transaction: a
@@ -570,7 +571,7 @@ def update_form_via_api(
     return fresh, (fresh.webhook_secret if changed else None)
 
 
-def owner_submission(owner_id: int, public_id: str) -> dal.SubmissionWithForm:
+def owner_submission(owner_id: int, public_id: str) -> records.SubmissionWithForm:
     """A submission of any of the owner's forms (with ``form_public_id``), or NotFound."""
     with dal.connection() as conn:
         submission = dal.owned_submission(conn, owner_id, public_id)
@@ -580,7 +581,7 @@ def owner_submission(owner_id: int, public_id: str) -> dal.SubmissionWithForm:
 
 
 def api_submission_page(
-    form: dal.Form,
+    form: records.Form,
     *,
     before: int | None,
     limit: int,
@@ -588,7 +589,7 @@ def api_submission_page(
     spam: bool | None = None,
     since: Any = None,
     until: Any = None,
-) -> tuple[list[dal.Submission], int | None]:
+) -> tuple[list[records.Submission], int | None]:
     """One page of a form's submissions, newest first, and the ``before`` id of the next page."""
     limit = max(1, min(limit, API_PAGE_MAX))
     with dal.connection() as conn:
@@ -607,7 +608,7 @@ def api_submission_page(
     return rows, (rows[-1].id if more else None)
 
 
-def replay_owned_delivery(submission: dal.Submission, delivery_id: int) -> dal.Delivery:
+def replay_owned_delivery(submission: records.Submission, delivery_id: int) -> records.Delivery:
     """Replay a done or dead delivery of this submission and return it; NotFound or Conflict."""
     current = {d.id: d for d in submission_deliveries(submission)}
     found = current.get(delivery_id)

@@ -32,6 +32,7 @@ from flask import Flask, current_app
 import cache
 import dal
 import delivery
+import records
 from settings import current_settings
 
 if TYPE_CHECKING:
@@ -577,7 +578,7 @@ def next_attempt_delay(
 
 
 def _record_failure(
-    context: dal.SubmissionDelivery | dal.AccountDelivery,
+    context: records.SubmissionDelivery | records.AccountDelivery,
     error: str,
     *,
     permanent: bool = False,
@@ -600,7 +601,7 @@ def _record_failure(
             dal.finish_delivery(
                 conn, context.delivery_id, "pending", error=error, next_attempt_at=when
             )
-    if gone and isinstance(context, dal.SubmissionDelivery):
+    if gone and isinstance(context, records.SubmissionDelivery):
         with cache.form_write(context.form_public_id) as conn:
             dal.disable_webhook(conn, context.form_id)
             dal.cancel_webhook_deliveries(

@@ -22,6 +22,7 @@ import cache
 import dal
 import delivery
 import intake
+import records
 import tasks
 from settings import current_settings
 
@@ -89,7 +90,7 @@ def _tell_existing_owner(email: str) -> int | None:
 
 def queue_account_email(
     conn: Any,
-    user: dal.User,
+    user: records.User,
     template: str,
     *,
     to: str | None = None,
@@ -105,7 +106,7 @@ def queue_account_email(
     return dal.insert_account_delivery(conn, user.id, template, to or user.email, params)
 
 
-def log_in(email: str, password: str, client_ip: str | None = None) -> dal.User | None:
+def log_in(email: str, password: str, client_ip: str | None = None) -> records.User | None:
     """The owner for this email and password, or None; upgrades an outdated hash on success.
 
     Attempts are counted per account and per address before the password is checked, in one
@@ -126,7 +127,7 @@ def log_in(email: str, password: str, client_ip: str | None = None) -> dal.User 
     return user
 
 
-def _check_password(email: str, password: str) -> dal.User | None:
+def _check_password(email: str, password: str) -> records.User | None:
     """The owner if the password is right; constant work for unknown addresses."""
     method = current_settings().password_hash_method
     with dal.connection() as conn:
@@ -154,7 +155,7 @@ def log_out(user_id: int) -> None:
         dal.bump_session_version(conn, user_id)
 
 
-def user_for_session(user_id: Any, version: Any) -> dal.User | None:
+def user_for_session(user_id: Any, version: Any) -> records.User | None:
     """The owner a session cookie names, if the cookie is still current."""
     if not isinstance(user_id, int) or not isinstance(version, int):
         return None
@@ -310,7 +311,7 @@ def hash_api_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_api_token(user_id: int, name: str) -> tuple[dal.ApiToken, str]:
+def create_api_token(user_id: int, name: str) -> tuple[records.ApiToken, str]:
     """A new token for this owner: its stored row, and the token itself (shown once, never kept)."""
     token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
     with dal.transaction() as conn:
@@ -321,7 +322,7 @@ def create_api_token(user_id: int, name: str) -> tuple[dal.ApiToken, str]:
     return row, token
 
 
-def list_api_tokens(user_id: int) -> list[dal.ApiToken]:
+def list_api_tokens(user_id: int) -> list[records.ApiToken]:
     """The owner's active tokens, newest first."""
     with dal.connection() as conn:
         return dal.active_api_tokens(conn, user_id)
@@ -336,7 +337,7 @@ def revoke_api_token(user_id: int, token_id: int) -> bool:
     return revoked
 
 
-def api_token_owner(token: str) -> dal.ApiTokenWithOwner | None:
+def api_token_owner(token: str) -> records.ApiTokenWithOwner | None:
     """The active token (with its owner's email) a bearer token names, or None; notes the use."""
     if not _API_TOKEN_RE.fullmatch(token):
         return None

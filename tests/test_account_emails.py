@@ -16,6 +16,7 @@ from flask import Flask
 
 import dal
 import microapp
+import records
 import services
 import tasks
 import users
@@ -231,7 +232,7 @@ def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def owner_with_a_form(app: Flask) -> tuple[AuthActions, dal.Form, str]:
+def owner_with_a_form(app: Flask) -> tuple[AuthActions, records.Form, str]:
     """A confirmed owner with a notifying form and one submission; (auth, form, submission)."""
     auth = sign_up(app)
     auth.confirm()

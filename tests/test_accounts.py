@@ -11,11 +11,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import dal
+import records
 import users
 from conftest import PASSWORD, AuthActions, csrf_token, message_text, post_form, read_outbox
 
 
-def user_row(app: Flask, email: str = "owner@example.com") -> dal.User:
+def user_row(app: Flask, email: str = "owner@example.com") -> records.User:
     """The stored user for ``email``."""
     with app.app_context(), dal.connection() as conn:
         user = dal.user_by_email(conn, email)

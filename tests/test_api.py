@@ -27,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 import api
 import cache
 import dal
+import records
 import services
 import settings as settings_module
 import users
@@ -138,7 +139,7 @@ def create_form(client: FlaskClient, who: Owner, **values: Any) -> dict[str, Any
 
 def store_submissions(
     app: Flask, form_id: str, count: int, *, spam: bool = False, data: dict[str, Any] | None = None
-) -> list[dal.Submission]:
+) -> list[records.Submission]:
     """Store submissions directly, oldest first (faster than posting hundreds)."""
     with app.app_context():
         with dal.connection() as conn:
@@ -946,7 +947,7 @@ def test_submission_filters(app: Flask, client: FlaskClient, owner: Owner) -> No
         assert response.status_code == 200, response.get_data(as_text=True)
         return [item["id"] for item in response.get_json()["data"]]
 
-    def public(rows: list[dal.Submission]) -> list[str]:
+    def public(rows: list[records.Submission]) -> list[str]:
         return [row.public_id for row in reversed(rows)]
 
     assert ids() == public(old + spam + new)
@@ -963,7 +964,9 @@ def test_submission_filters(app: Flask, client: FlaskClient, owner: Owner) -> No
 
 
 @pytest.fixture
-def paged_form(app: Flask, client: FlaskClient, owner: Owner) -> tuple[str, list[dal.Submission]]:
+def paged_form(
+    app: Flask, client: FlaskClient, owner: Owner
+) -> tuple[str, list[records.Submission]]:
     """A form with five stored submissions (their ids in the table, oldest first)."""
     form = create_form(client, owner)
     return form["id"], store_submissions(app, form["id"], 5)
@@ -984,7 +987,7 @@ def paged_form(app: Flask, client: FlaskClient, owner: Owner) -> tuple[str, list
 @example(cursor="AAAAAAAAAAAA")
 @example(cursor="____________")
 def test_any_cursor_of_the_documented_pattern_is_a_position(
-    client: FlaskClient, owner: Owner, paged_form: tuple[str, list[dal.Submission]], cursor: str
+    client: FlaskClient, owner: Owner, paged_form: tuple[str, list[records.Submission]], cursor: str
 ) -> None:
     form_id, stored = paged_form
     response = call(

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 import dal
+import records
 import settings
 
 
@@ -131,11 +132,11 @@ def test_insert_deliveries_returns_ids_in_the_order_given(app: Flask) -> None:
 @pytest.mark.parametrize(
     ("record", "table"),
     [
-        (dal.User, dal.users),
-        (dal.Form, dal.forms),
-        (dal.Submission, dal.submissions),
-        (dal.Delivery, dal.deliveries),
-        (dal.ApiToken, dal.api_tokens),
+        (records.User, dal.users),
+        (records.Form, dal.forms),
+        (records.Submission, dal.submissions),
+        (records.Delivery, dal.deliveries),
+        (records.ApiToken, dal.api_tokens),
     ],
 )
 def test_records_that_mirror_a_table_list_its_columns_in_its_order(
@@ -159,10 +160,10 @@ def test_rows_leave_dal_as_frozen_records_not_sqlalchemy_rows(app: Flask) -> Non
                 *dal.forms_with_counts(conn, user.id),
             ]
     assert [type(item) for item in found] == [
-        dal.User,
-        dal.Form,
-        dal.PublicForm,
-        dal.FormWithCounts,
+        records.User,
+        records.Form,
+        records.PublicForm,
+        records.FormWithCounts,
     ]
     assert found[0] == user
     assert found[1] == form

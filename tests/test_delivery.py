@@ -21,6 +21,7 @@ import dal
 import delivery
 import intake
 import microapp
+import records
 import services
 import tasks
 from conftest import SMTPSink, WebhookReceiver, free_port, settle_deliveries
@@ -47,7 +48,7 @@ def outbox_app(overrides: dict[str, Any], smtp_sink: SMTPSink) -> Flask:
 
 def make_form(
     app: Flask, *, webhook_url: str | None = None, notify: bool = True, confirmed: bool = True
-) -> dal.Form:
+) -> records.Form:
     """An owner (confirmed unless told otherwise) with one lenient form."""
     with app.app_context():
         with dal.transaction() as conn:
@@ -64,7 +65,7 @@ def make_form(
         return services.owned_form(owner.id, form.public_id)
 
 
-def submit(app: Flask, form: dal.Form, data: dict[str, Any]) -> str:
+def submit(app: Flask, form: records.Form, data: dict[str, Any]) -> str:
     """Post a JSON submission; the submission's public id."""
     response = app.test_client().post(f"/f/{form.public_id}", json=data)
     assert response.status_code == 201, response.get_data(as_text=True)
@@ -355,7 +356,7 @@ def second_receiver() -> Any:
     receiver.server.server_close()
 
 
-def current_form(app: Flask, form: dal.Form) -> dal.Form:
+def current_form(app: Flask, form: records.Form) -> records.Form:
     """The form as stored now."""
     with app.app_context():
         return services.owned_form(form.owner_id, form.public_id)

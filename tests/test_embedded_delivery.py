@@ -28,6 +28,7 @@ from test_faults import wait_for
 
 import dal
 import microapp
+import records
 import tasks
 from conftest import (
     PASSWORD,
@@ -148,7 +149,7 @@ def pending_webhook_row(app: Flask, url: str) -> int:
     return delivery_id
 
 
-def form_owner_email(app: Flask, form: dal.Form) -> str:
+def form_owner_email(app: Flask, form: records.Form) -> str:
     """The address of the form's owner."""
     with app.app_context(), dal.connection() as conn:
         owner = dal.owner_of_form(conn, form.id)

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dal
+import records
 import services
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -37,15 +38,15 @@ def guarded(value: str) -> str:
     return "'" + value if value.startswith(FORMULA_STARTS) else value
 
 
-def new_form(conn: Any) -> dal.Form:
+def new_form(conn: Any) -> records.Form:
     """A fresh owner with a fresh, schema-less form."""
     user = dal.insert_user(conn, f"{uuid.uuid4().hex}@example.com", "x")
     return dal.insert_form(conn, user.id, dal.new_public_id(), {"name": "Property"})
 
 
 def insert(
-    conn: Any, form: dal.Form, data: dict[str, Any], is_spam: bool = False
-) -> dal.Submission:
+    conn: Any, form: records.Form, data: dict[str, Any], is_spam: bool = False
+) -> records.Submission:
     """Store one submission."""
     return dal.insert_submission(
         conn,

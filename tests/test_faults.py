@@ -22,6 +22,7 @@ from flask import Flask
 
 import dal
 import microapp
+import records
 import services
 from conftest import SMTPSink, WebhookReceiver, free_port, need_service, settle_deliveries
 
@@ -161,7 +162,7 @@ def system(
     worker.stop()
 
 
-def make_form(app: Flask, webhook_url: str | None, notify: bool = True) -> dal.Form:
+def make_form(app: Flask, webhook_url: str | None, notify: bool = True) -> records.Form:
     """A confirmed owner's form with notifications and (optionally) a webhook."""
     with app.app_context():
         with dal.transaction() as conn:

@@ -24,6 +24,7 @@ from markupsafe import escape
 
 import dal
 import microapp
+import records
 import services
 from conftest import FAST_HASH, AuthActions, csrf_token, post_form, settle_deliveries
 
@@ -59,13 +60,13 @@ def create_form(client: FlaskClient, **values: Any) -> str:
     return response.headers["Location"].rsplit("/", 1)[1]
 
 
-def form_row(app: Flask, public_id: str) -> dal.Form | None:
+def form_row(app: Flask, public_id: str) -> records.Form | None:
     """The stored form, whoever owns it."""
     with app.app_context(), dal.connection() as conn:
         return dal.form_by_public_id(conn, public_id)
 
 
-def submission_rows(app: Flask, public_id: str) -> list[dal.Submission]:
+def submission_rows(app: Flask, public_id: str) -> list[records.Submission]:
     """Every submission of a form (spam too), newest first."""
     form = form_row(app, public_id)
     assert form is not None
@@ -75,7 +76,7 @@ def submission_rows(app: Flask, public_id: str) -> list[dal.Submission]:
 
 def insert_submissions(
     app: Flask, public_id: str, items: list[dict[str, Any]]
-) -> list[dal.Submission]:
+) -> list[records.Submission]:
     """Store submissions directly, oldest first (faster than posting hundreds)."""
     form = form_row(app, public_id)
     assert form is not None

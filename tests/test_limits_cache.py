@@ -32,6 +32,7 @@ import cache
 import dal
 import intake
 import microapp
+import records
 import services
 import users
 from conftest import PASSWORD, AuthActions, csrf_token, free_port, post_form
@@ -59,7 +60,7 @@ def app(overrides: dict[str, Any], redis_backend: str) -> Iterator[Flask]:
         dal.database().engine.dispose()
 
 
-def owner_form(app: Flask, **values: Any) -> dal.Form:
+def owner_form(app: Flask, **values: Any) -> records.Form:
     """An owner's form (notifications off: nothing to enqueue in these tests)."""
     with app.app_context():
         with dal.transaction() as conn:

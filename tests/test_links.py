@@ -10,6 +10,7 @@ from flask import Flask
 
 import dal
 import microapp
+import records
 import services
 import users
 from conftest import message_text, read_outbox
@@ -26,7 +27,7 @@ def move_route(app: Flask, endpoint: str, rule: str) -> None:
     rules.insert(0, rules.pop())
 
 
-def confirmed_owner_form(app: Flask) -> dal.Form:
+def confirmed_owner_form(app: Flask) -> records.Form:
     """A confirmed owner's form that notifies."""
     with app.app_context():
         with dal.transaction() as conn:

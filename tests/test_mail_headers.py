@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 import dal
 import delivery
 import microapp
+import records
 import services
 import tasks
 from conftest import SMTPSink, free_port
@@ -59,7 +60,7 @@ def quiet_app(overrides: dict[str, Any]) -> Flask:
     return app
 
 
-def make_form(app: Flask, name: str = "Contact") -> dal.Form:
+def make_form(app: Flask, name: str = "Contact") -> records.Form:
     """A confirmed owner with one lenient form that notifies."""
     with app.app_context():
         with dal.transaction() as conn:
@@ -79,7 +80,7 @@ def deliver_newest(app: Flask) -> str:
         return tasks.deliver(row_id)
 
 
-def notify(app: Flask, form: dal.Form, values: dict[str, Any]) -> str:
+def notify(app: Flask, form: records.Form, values: dict[str, Any]) -> str:
     """Post a submission, then deliver its notification; the task's outcome."""
     response = app.test_client().post(f"/f/{form.public_id}", data=values)
     assert response.status_code == 303, response.get_data(as_text=True)
@@ -390,7 +391,7 @@ def check_notification(raw: bytes, subject: str, expected_reply_to: str | None) 
 _SHARED: dict[str, Any] = {}
 
 
-def shared(overrides: dict[str, Any]) -> tuple[Flask, dal.Form]:
+def shared(overrides: dict[str, Any]) -> tuple[Flask, records.Form]:
     """One quiet app and form for all examples of a run."""
     key = overrides["instance_path"]
     if _SHARED.get("key") != key:

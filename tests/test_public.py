@@ -22,6 +22,7 @@ import cache
 import dal
 import intake
 import microapp
+import records
 from conftest import (
     FAST_HASH,
     AuthActions,
@@ -119,7 +120,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
         dal.database().engine.dispose()
 
 
-def stored(app: Flask, public_id: str) -> list[dal.Submission]:
+def stored(app: Flask, public_id: str) -> list[records.Submission]:
     """The form's submissions, oldest first."""
     with app.app_context(), dal.connection() as conn:
         form = dal.form_by_public_id(conn, public_id)

@@ -15,6 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import dal
+import records
 import services
 import tasks
 from conftest import AuthActions, post_form
@@ -34,7 +35,9 @@ def make_owner(app: Flask, email: str = "owner@example.com") -> int:
         return dal.insert_user(conn, email, "x").id
 
 
-def add(app: Flask, form: dal.Form, data: dict[str, Any], age_days: float = 0, **meta: Any) -> int:
+def add(
+    app: Flask, form: records.Form, data: dict[str, Any], age_days: float = 0, **meta: Any
+) -> int:
     """Store a submission ``age_days`` old with a pending delivery; its id."""
     with app.app_context(), dal.transaction() as conn:
         row = dal.insert_submission(
@@ -62,7 +65,7 @@ def remaining(app: Flask) -> list[int]:
         return sorted(conn.execute(sa.select(dal.submissions.c.id)).scalars())
 
 
-def form_for(app: Flask, owner_id: int, retention_days: int | None) -> dal.Form:
+def form_for(app: Flask, owner_id: int, retention_days: int | None) -> records.Form:
     """A form with a retention period."""
     with app.app_context():
         return services.create_form(

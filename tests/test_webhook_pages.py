@@ -18,6 +18,7 @@ from test_forms_pages import create_form
 import cache
 import dal
 import microapp
+import records
 import settings as settings_module
 from conftest import AuthActions, WebhookReceiver, csrf_token, post_form, settle_deliveries
 
@@ -61,7 +62,7 @@ def hanging_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     released.set()
 
 
-def form_row(app: Flask, public_id: str) -> dal.Form:
+def form_row(app: Flask, public_id: str) -> records.Form:
     """The stored form."""
     with app.app_context(), dal.connection() as conn:
         row = dal.form_by_public_id(conn, public_id)
