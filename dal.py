@@ -483,10 +483,9 @@ def mark_email_confirmed(conn: Connection, user_id: int, email: str) -> bool:
 # Forms
 # =================================================================================================
 
-FORM_COLUMNS = (
-    "name", "fields", "schema_version", "strict", "redirect_url", "allowed_domains",
-    "honeypot_field", "webhook_url", "webhook_secret", "notify", "status",
-)  # fmt: skip
+# A form's columns in the order of records.Form's fields (the public view's first), so that a row
+# builds the record by position.
+_FORM_COLUMNS = tuple(forms.c[name] for name in records.Form.__dataclass_fields__)
 
 
 def insert_form(
@@ -499,7 +498,7 @@ def insert_form(
             owner_id=owner_id, public_id=public_id, created_at=now, updated_at=now, **values
         )
     ).inserted_primary_key[0]
-    return records.Form(*conn.execute(sa.select(forms).where(forms.c.id == form_id)).one())
+    return records.Form(*conn.execute(sa.select(*_FORM_COLUMNS).where(forms.c.id == form_id)).one())
 
 
 def update_form(conn: Connection, form_id: int, values: dict[str, Any]) -> None:
@@ -528,7 +527,8 @@ def delete_form(conn: Connection, form_id: int) -> None:
 
 def form_by_public_id(conn: Connection, public_id: str) -> records.Form | None:
     """A form by its public id, whoever owns it."""
-    return _one(records.Form, conn.execute(sa.select(forms).where(forms.c.public_id == public_id)))
+    query = sa.select(*_FORM_COLUMNS).where(forms.c.public_id == public_id)
+    return _one(records.Form, conn.execute(query))
 
 
 _PUBLIC_FORM = sa.select(
@@ -543,7 +543,9 @@ def public_view_of_form(conn: Connection, public_id: str) -> records.PublicForm 
 
 def owned_form(conn: Connection, owner_id: int, public_id: str) -> records.Form | None:
     """A form by public id, only when this owner has it."""
-    query = sa.select(forms).where(forms.c.public_id == public_id, forms.c.owner_id == owner_id)
+    query = sa.select(*_FORM_COLUMNS).where(
+        forms.c.public_id == public_id, forms.c.owner_id == owner_id
+    )
     return _one(records.Form, conn.execute(query))
 
 
@@ -561,7 +563,7 @@ def forms_with_counts(conn: Connection, owner_id: int) -> list[records.FormWithC
     )
     query = (
         sa.select(
-            forms,
+            *_FORM_COLUMNS,
             sa.func.coalesce(counts.c.submission_count, 0).label("submission_count"),
             counts.c.newest_at,
         )

@@ -1,11 +1,11 @@
 """The records rows leave ``dal`` as: small, frozen, slotted dataclasses (never SQLAlchemy rows),
 the types every layer above the database passes around.
 
-Those that mirror a table list its columns in the table's order (test_dal holds them to it), so
-``dal`` builds one from a row of ``select(table)`` by position, the cheapest way, which exports
-of many rows rely on; joined shapes add their columns after. Every layer names them from here
-(``records.Form``). This module holds data shapes only: it must not import anything of ours or
-SQLAlchemy, run a query or know Flask.
+``dal`` builds each from a row by position, the cheapest way, which exports of many rows rely on:
+those that mirror a table list its columns in the table's order (test_dal holds them to it), the
+others are selected in their fields' order; joined shapes add their columns after. Every layer
+names them from here (``records.Form``). This module holds data shapes only: it must not import
+anything of ours or SQLAlchemy, run a query or know Flask.
 """
 
 from __future__ import annotations
@@ -32,41 +32,6 @@ class User:
 
 
 @dataclass(frozen=True, slots=True)
-class Form:
-    """A form with all its settings (the webhook secret included: owners' side only)."""
-
-    id: int
-    public_id: str
-    owner_id: int
-    name: str
-    fields: list[dict[str, Any]]
-    schema_version: int
-    strict: bool
-    redirect_url: str | None
-    allowed_domains: list[str]
-    honeypot_field: str
-    webhook_url: str | None
-    webhook_secret: str | None
-    notify: bool
-    retention_days: int | None
-    description: str
-    thanks_message: str
-    show_branding: bool
-    spam_rules: dict[str, list[str]]
-    status: str
-    created_at: dt.datetime
-    updated_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class FormWithCounts(Form):
-    """A form on the owner's list: its non-spam submissions and when the newest came."""
-
-    submission_count: int
-    newest_at: dt.datetime | None
-
-
-@dataclass(frozen=True, slots=True)
 class PublicForm:
     """What the submission path and the hosted page know of a form (cached in Redis): never
     its webhook secret."""
@@ -88,6 +53,27 @@ class PublicForm:
     description: str
     thanks_message: str
     show_branding: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Form(PublicForm):
+    """A form as its owner sees it: the public view, its signing secret, retention and times.
+
+    ``dal`` selects its columns in this order (not the table's), so it builds by position too.
+    """
+
+    webhook_secret: str | None
+    retention_days: int | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FormWithCounts(Form):
+    """A form on the owner's list: its non-spam submissions and when the newest came."""
+
+    submission_count: int
+    newest_at: dt.datetime | None
 
 
 # =================================================================================================

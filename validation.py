@@ -38,42 +38,6 @@ LABEL_MAX_LENGTH = 200
 HELP_MAX_LENGTH = 1000
 FIELD_NAME_MAX_LENGTH = 100
 
-DEFAULT_FIELDS: tuple[dict[str, Any], ...] = (
-    {
-        "name": "name",
-        "label": "Name",
-        "type": "text",
-        "required": False,
-        "max_length": 200,
-        "min": None,
-        "max": None,
-        "choices": [],
-        "help": "",
-    },
-    {
-        "name": "email",
-        "label": "Email",
-        "type": "email",
-        "required": True,
-        "max_length": None,
-        "min": None,
-        "max": None,
-        "choices": [],
-        "help": "",
-    },
-    {
-        "name": "message",
-        "label": "Message",
-        "type": "textarea",
-        "required": True,
-        "max_length": None,
-        "min": None,
-        "max": None,
-        "choices": [],
-        "help": "",
-    },
-)
-
 MSG_FIELD_NAME = "Use letters, digits, _ and -, starting with a letter."
 MSG_MIN_OVER_MAX = "The minimum is larger than the maximum."
 MSG_MAX_LENGTH_RANGE = f"Use a whole number from 1 to {MAX_LENGTH_LIMIT}."
@@ -144,6 +108,17 @@ def normalise_field_spec(raw: Mapping[str, Any]) -> dict[str, Any]:
         "choices": _clean_choices(raw.get("choices")) if field_type in CHOICE_TYPES else [],
         "help": _stripped(raw.get("help")),
     }
+
+
+# The fields of a form that has no schema, on its hosted page and in its install snippet.
+DEFAULT_FIELDS: tuple[dict[str, Any], ...] = tuple(
+    normalise_field_spec(spec)
+    for spec in (
+        {"name": "name", "label": "Name", "type": "text", "max_length": 200},
+        {"name": "email", "label": "Email", "type": "email", "required": True},
+        {"name": "message", "label": "Message", "type": "textarea", "required": True},
+    )
+)
 
 
 def schema_specs(fields: Any) -> list[dict[str, Any]]:

@@ -133,7 +133,6 @@ def test_insert_deliveries_returns_ids_in_the_order_given(app: Flask) -> None:
     ("record", "table"),
     [
         (records.User, dal.users),
-        (records.Form, dal.forms),
         (records.Submission, dal.submissions),
         (records.Delivery, dal.deliveries),
         (records.ApiToken, dal.api_tokens),
@@ -145,6 +144,16 @@ def test_records_that_mirror_a_table_list_its_columns_in_its_order(
     # A row of select(table) builds its record by position: a column added to the table and not
     # to the record, or in another place, would shift every value after it.
     assert [field.name for field in dataclasses.fields(record)] == list(table.c.keys())
+
+
+def test_a_form_record_carries_every_column_of_the_table_and_its_public_view_no_secret() -> None:
+    # dal selects a form's columns in the record's order: none may be missing or extra.
+    assert sorted(field.name for field in dataclasses.fields(records.Form)) == sorted(
+        dal.forms.c.keys()
+    )
+    public = {field.name for field in dataclasses.fields(records.PublicForm)}
+    assert public < set(dal.forms.c.keys())
+    assert "webhook_secret" not in public
 
 
 def test_rows_leave_dal_as_frozen_records_not_sqlalchemy_rows(app: Flask) -> None:
