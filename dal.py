@@ -157,7 +157,7 @@ deliveries = sa.Table(
     sa.Column(
         "user_id", sa.ForeignKey("users.id", ondelete="CASCADE", name="deliveries_user_id_fkey")
     ),
-    # Which account email (a key of tasks.ACCOUNT_EMAILS); links are made when it is sent.
+    # Which account email (a key of delivery.ACCOUNT_EMAILS); links are made when it is sent.
     sa.Column("template", sa.String(32)),
     # Whatever else that email needs: ids and names only, never a token, code or password.
     sa.Column("params", JSONType),
