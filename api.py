@@ -33,9 +33,10 @@ from pydantic import (
 from pydantic.json_schema import models_json_schema
 from werkzeug.exceptions import RequestEntityTooLarge
 
-import dal
-import forms
+import records
 import services
+import users
+import validation
 from settings import current_settings
 
 log = structlog.get_logger("mailslot.api")
@@ -122,8 +123,8 @@ PUBLIC_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 CURSOR_PATTERN = r"^[A-Za-z0-9_-]{12}$"  # any 12 base64url characters are a position
 _PUBLIC_ID = re.compile(PUBLIC_ID_PATTERN)
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-FieldType = Literal[forms.FIELD_TYPES]  # type: ignore[valid-type]
-FormStatus = Literal[forms.FORM_STATUSES]  # type: ignore[valid-type]
+FieldType = Literal[validation.FIELD_TYPES]  # type: ignore[valid-type]
+FormStatus = Literal[validation.FORM_STATUSES]  # type: ignore[valid-type]
 LARGEST_FLOAT = sys.float_info.max
 
 
@@ -197,7 +198,7 @@ def _field_spec_schema(schema: dict[str, Any], model: Any = None) -> None:
     """A select or radio field needs a choice that is not blank (JSON Schema's if/then)."""
     _tidy_schema(schema, model)
     schema["if"] = {
-        "properties": {"type": {"enum": sorted(forms.CHOICE_TYPES)}},
+        "properties": {"type": {"enum": sorted(validation.CHOICE_TYPES)}},
         "required": ["type"],
     }
     schema["then"] = {
@@ -258,7 +259,7 @@ class SpamRules(ApiInput):
     )
 
 
-NOT_A_CONTROL_FIELD = {"not": {"enum": sorted(forms.CONTROL_FIELDS)}}
+NOT_A_CONTROL_FIELD = {"not": {"enum": sorted(validation.CONTROL_FIELDS)}}
 REDIRECT_URL_TEXT = "Where browsers go after posting (http or https); empty or null: none."
 WEBHOOK_URL_TEXT = (
     "Receives each submission as a signed POST (http or https); empty or null: none. "
@@ -544,7 +545,7 @@ def _authenticate() -> None:
     if request.endpoint in _OPEN_ENDPOINTS:
         return
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    token = services.api_token_owner(credentials.strip()) if scheme.lower() == "bearer" else None
+    token = users.api_token_owner(credentials.strip()) if scheme.lower() == "bearer" else None
     if token is None:
         challenge = 'Bearer realm="mailslot"'
         if credentials:
@@ -556,7 +557,7 @@ def _authenticate() -> None:
             "Create one on your account's API tokens page.",
             headers={"WWW-Authenticate": challenge},
         )
-    retry_after = services.api_rate_limit(token.id)
+    retry_after = users.api_rate_limit(token.id)
     if retry_after is not None:
         raise ApiError(
             429,
@@ -573,7 +574,7 @@ def _owner_id() -> int:
 
 
 _MESSAGES_BY_PATTERN = {
-    FIELD_NAME_PATTERN: forms.MSG_FIELD_NAME,
+    FIELD_NAME_PATTERN: validation.MSG_FIELD_NAME,
     HONEYPOT_PATTERN: "Use letters, digits, _ and - (start with a letter or _).",
     NOT_BLANK: "Give the form a name.",
     ONE_LINE: "Write one rule a line, not an empty one.",
@@ -722,7 +723,7 @@ def decode_cursor(cursor: str) -> int:
     return min(int.from_bytes(base64.urlsafe_b64decode(cursor)) ^ _CURSOR_MASK, _LAST_POSITION)
 
 
-def _api_form(form_id: str) -> dal.Row:
+def _api_form(form_id: str) -> records.Form:
     """The token owner's form, or 404 (also for someone else's)."""
     try:
         if _PUBLIC_ID.fullmatch(form_id):
@@ -732,7 +733,7 @@ def _api_form(form_id: str) -> dal.Row:
     raise ApiError(404, "not_found", "You have no form with this id.")
 
 
-def _api_submission(submission_id: str) -> dal.Row:
+def _api_submission(submission_id: str) -> records.SubmissionWithForm:
     """A submission of one of the token owner's forms, or 404."""
     try:
         if _PUBLIC_ID.fullmatch(submission_id):
@@ -763,7 +764,7 @@ def _form_values(form: Any) -> dict[str, Any]:
         "id": form.public_id,
         "name": form.name,
         "status": form.status,
-        "fields": [forms.normalise_field_spec(spec) for spec in form.fields or []],
+        "fields": [validation.normalise_field_spec(spec) for spec in form.fields or []],
         "schema_version": form.schema_version,
         "strict": form.strict,
         "redirect_url": form.redirect_url,

@@ -1,63 +1,36 @@
-"""Every SQL statement and every Redis access in Mailslot.
+"""Every SQL statement in Mailslot: the tables (the Alembic metadata), the engine and its
+transactions, and every query.
 
-Query functions take a SQLAlchemy ``Connection`` first so that callers compose them inside one
-transaction (``with transaction() as conn: ...``). Nothing here knows about Flask requests.
+Query functions take a connection first so that callers compose them inside one transaction
+(``with transaction() as conn: ...``) and hand rows back as ``records`` (never SQLAlchemy rows);
+SQLAlchemy's errors leave as this module's own (DatabaseUnavailable, Duplicate, ...). It is the
+only module that imports SQLAlchemy. Nothing here knows about Flask requests or talks to Redis
+(``cache`` does, and calls this module for its SQL fallbacks).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import math
+import secrets
 import threading
-import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from functools import cache, partial
-from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import redis
 import sqlalchemy as sa
 import structlog
 from flask import Flask, current_app
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
+
+import records
 
 if TYPE_CHECKING:
-    from alembic.config import Config as AlembicConfig
-    from alembic.script import ScriptDirectory
-
     from settings import Settings
 
-__all__ = ["Row"]
-
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-
-
-def _newest_revision() -> str:
-    """The head of the migrations, from the file names alone (no Alembic import at start-up):
-    they are ``<revision>_<slug>.py``, numbered 0001 upwards (test_migrations holds them to it)."""
-    versions = (MIGRATIONS_DIR / "versions").glob("[0-9][0-9][0-9][0-9]_*.py")
-    return max(path.name[:4] for path in versions)
-
-
-# A database at this revision needs nothing.
-SCHEMA_REVISION = _newest_revision()
-# Release 1 had no Alembic: it stamped mailslot_meta's schema_version "1" and refuses any other
-# value. Its databases are stamped at RELEASE_1_REVISION and their stamp becomes "2".
-RELEASE_1_STAMP = "1"
-ALEMBIC_STAMP = "2"
-RELEASE_1_REVISION = "0001"
-RELEASE_1_TABLES = frozenset(
-    {"mailslot_meta", "users", "forms", "submissions", "deliveries", "api_tokens"}
-)
-# The upgrade's PostgreSQL advisory lock: a constant of ours ("mailslot" in ASCII).
-MIGRATION_LOCK_KEY = 0x6D61696C736C6F74
-SQLITE_LOCK_WAIT_MS = 10 * 60 * 1000
 log = structlog.get_logger("mailslot.dal")
 
 # =================================================================================================
@@ -184,7 +157,7 @@ deliveries = sa.Table(
     sa.Column(
         "user_id", sa.ForeignKey("users.id", ondelete="CASCADE", name="deliveries_user_id_fkey")
     ),
-    # Which account email (a key of tasks.ACCOUNT_EMAILS); links are made when it is sent.
+    # Which account email (a key of delivery.ACCOUNT_EMAILS); links are made when it is sent.
     sa.Column("template", sa.String(32)),
     # Whatever else that email needs: ids and names only, never a token, code or password.
     sa.Column("params", JSONType),
@@ -213,23 +186,76 @@ api_tokens = sa.Table(
 # Alembic's own table (not ours to create): the revision the database is at.
 _alembic_version = sa.table("alembic_version", sa.column("version_num", sa.String))
 
+R = TypeVar("R")
+
+
+def _one(cls: Callable[..., R], result: sa.Result[Any]) -> R | None:
+    """The record of a result's one row, built by position; None when there is no row."""
+    row = result.one_or_none()
+    return None if row is None else cls(*row)
+
+
+def _all(cls: Callable[..., R], result: Iterable[Any]) -> list[R]:
+    """The records of a result's rows, built by position."""
+    return [cls(*row) for row in result]
+
+
 # =================================================================================================
-# Engine, Redis client and the app's stores
+# Errors: SQLAlchemy's become Mailslot's own
+# =================================================================================================
+
+
+class DatabaseError(Exception):
+    """A statement failed in the database; the message is the driver's (never a password)."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached, or is locked or failing: nothing was saved."""
+
+
+class IntegrityViolation(DatabaseError):
+    """A write broke one of the schema's rules (a constraint, a foreign key)."""
+
+
+class Duplicate(IntegrityViolation):
+    """A write would repeat a value that must be unique (an account's email)."""
+
+
+class BrokenReferences(IntegrityViolation):
+    """An upgrade would leave rows whose foreign keys point nowhere; nothing was changed."""
+
+
+_UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE; SQLite says "UNIQUE constraint failed"
+
+
+@contextmanager
+def _own_errors() -> Iterator[None]:
+    """Raise SQLAlchemy's errors as ours, the original chained for the logs."""
+    try:
+        yield
+    except sa.exc.IntegrityError as exc:
+        unique = getattr(exc.orig, "sqlstate", None) == _UNIQUE_VIOLATION or str(
+            exc.orig
+        ).startswith("UNIQUE constraint failed")
+        raise (Duplicate if unique else IntegrityViolation)(str(exc.orig)) from exc
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        raise DatabaseUnavailable(str(exc.orig)) from exc
+    except sa.exc.TimeoutError as exc:  # no connection free in the pool
+        raise DatabaseUnavailable(str(exc)) from exc
+    except sa.exc.SQLAlchemyError as exc:
+        raise DatabaseError(str(exc)) from exc
+
+
+# =================================================================================================
+# Engine and transactions
 # =================================================================================================
 
 
 @dataclass
-class Stores:
-    """What one app talks to: one SQL engine, the cache's Redis and the broker's Redis."""
+class Database:
+    """What one app's SQL goes through: its engine, and on SQLite its writers' lock."""
 
     engine: Engine
-    redis: redis.Redis  # cache, counters and rate limits (CACHE_REDIS_URL, else REDIS_URL)
-    key_prefix: str
-    embedded_redis: bool
-    # The Celery broker's Redis (REDIS_URL), read only for its health; None in embedded mode.
-    broker_redis: redis.Redis | None = None
-    # The stand-in for Redis's rate-limit counters while Redis is unreachable (per app).
-    local_windows: _LocalWindows = field(default_factory=lambda: _LocalWindows())
     # SQLite allows one writer at a time and makes the others poll with growing sleeps (up to
     # 100 ms each) while they wait: under load some threads lose every race and wait for seconds.
     # This process's writers queue on a lock instead; other processes still meet busy_timeout.
@@ -248,7 +274,7 @@ def _sqlite_pragmas(
     cursor.close()
 
 
-def _json_dumps(value: Any) -> str:
+def json_text(value: Any) -> str:
     """JSON as stored: real characters rather than \\u escapes, so text search finds them."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -257,13 +283,13 @@ def make_engine(url: str) -> Engine:
     """One engine per app; SQLite gets its pragmas on every new connection. Connects lazily."""
     if url.startswith("sqlite"):
         engine = sa.create_engine(
-            url, connect_args={"check_same_thread": False}, json_serializer=_json_dumps
+            url, connect_args={"check_same_thread": False}, json_serializer=json_text
         )
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return sa.create_engine(
         url,
-        json_serializer=_json_dumps,
+        json_serializer=json_text,
         pool_pre_ping=True,
         pool_size=5,
         max_overflow=10,
@@ -271,195 +297,66 @@ def make_engine(url: str) -> Engine:
     )
 
 
-def make_redis(settings: Settings) -> tuple[redis.Redis, bool]:
-    """The cache's Redis client, or an in-process server when REDIS_URL is empty."""
-    if not settings.redis_url:
-        import fakeredis  # embedded mode only: connected processes start without importing it
-
-        return fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True), True
-    return _redis_client(settings.cache_redis_url_or_default, settings), False
-
-
-def _redis_client(url: str, settings: Settings) -> redis.Redis:
-    """A client with short timeouts: a slow Redis never stalls a request."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=settings.redis_timeout,
-        socket_timeout=settings.redis_timeout,
-        decode_responses=True,
-        retry_on_timeout=False,
-    )
-
-
 def init_app(app: Flask, settings: Settings) -> None:
-    """Attach the stores to the app; no connection is opened here."""
-    client, embedded = make_redis(settings)
-    broker = None
-    if not embedded:
-        same = settings.cache_redis_url_or_default == settings.redis_url
-        broker = client if same else _redis_client(settings.redis_url, settings)
+    """Attach the database to the app; no connection is opened here."""
     engine = make_engine(settings.database_url_or_default)
-    app.extensions["mailslot.stores"] = Stores(
+    app.extensions["mailslot.database"] = Database(
         engine=engine,
-        redis=client,
-        key_prefix=settings.redis_key_prefix,
-        embedded_redis=embedded,
-        broker_redis=broker,
         write_lock=threading.RLock() if engine.dialect.name == "sqlite" else None,
     )
 
 
-def stores() -> Stores:
-    """The current app's stores."""
-    return current_app.extensions["mailslot.stores"]
+def database() -> Database:
+    """The current app's database."""
+    return current_app.extensions["mailslot.database"]
 
 
 @contextmanager
 def transaction() -> Iterator[Connection]:
     """One database transaction: committed on success, rolled back on any error."""
-    current = stores()
-    with current.write_lock or nullcontext(), current.engine.begin() as conn:
+    current = database()
+    with _own_errors(), current.write_lock or nullcontext(), current.engine.begin() as conn:
         yield conn
 
 
 @contextmanager
 def connection() -> Iterator[Connection]:
     """A connection for reads."""
-    with stores().engine.connect() as conn:
+    with _own_errors(), database().engine.connect() as conn:
         yield conn
 
 
 # =================================================================================================
-# Schema set-up and health
+# What the schema is: the statements migrate.py needs
 # =================================================================================================
 
-
-class SchemaMismatch(RuntimeError):
-    """The database cannot be brought to this code's schema; the message says why."""
-
-
-SchemaKind = Literal["empty", "release-1", "current", "behind", "newer", "unrecognised"]
-
-
-@dataclass(frozen=True)
-class SchemaState:
-    """What a database holds, as the upgrade command and /readyz see it."""
-
-    kind: SchemaKind
-    revision: str | None = None  # its Alembic revision, when it has one
-    detail: str = ""  # for a person: what is wrong and what to do
+ALEMBIC_VERSION_TABLE = _alembic_version.name
+META_TABLE = meta.name
+# The upgrade's PostgreSQL advisory lock: a constant of ours ("mailslot" in ASCII).
+MIGRATION_LOCK_KEY = 0x6D61696C736C6F74
+SQLITE_LOCK_WAIT_MS = 10 * 60 * 1000
 
 
-def schema_state(conn: Connection) -> SchemaState:
-    """Tell an empty database, release 1's, one at the head, behind or ahead of this code."""
-    names = set(sa.inspect(conn).get_table_names())
-    revisions = (
-        conn.execute(sa.select(_alembic_version.c.version_num)).scalars().all()
-        if _alembic_version.name in names
-        else []
-    )
-    if revisions == [SCHEMA_REVISION]:
-        return SchemaState("current", SCHEMA_REVISION)
-    if len(revisions) == 1:
-        revision = revisions[0]
-        if revision in _known_revisions():
-            return SchemaState(
-                "behind",
-                revision,
-                f"The database is at revision {revision}; this Mailslot needs {SCHEMA_REVISION}.",
-            )
-        return SchemaState(
-            "newer",
-            revision,
-            f"The database is at revision {revision}, which is newer than this Mailslot (its "
-            f"newest is {SCHEMA_REVISION}): a later release upgraded it. Run that release or a "
-            "newer one, or restore the backup taken before that upgrade.",
-        )
-    if revisions:
-        return SchemaState(
-            "unrecognised",
-            None,
-            f"The database is at several revisions at once ({', '.join(revisions)}), but this "
-            "Mailslot's migrations form one line. Restore a backup, or use an empty database.",
-        )
-    ours = names & RELEASE_1_TABLES
-    if not ours:
-        return SchemaState("empty")
-    stamp = (
-        conn.execute(
-            sa.select(meta.c.value).where(meta.c.key == "schema_version")
-        ).scalar_one_or_none()
-        if meta.name in names
-        else None
-    )
-    missing = ", ".join(sorted(RELEASE_1_TABLES - names))
-    if stamp == RELEASE_1_STAMP and not missing:
-        return SchemaState("release-1", None, "The database was made by release 1.")
-    problem = (
-        f"is stamped with Mailslot schema version {stamp}" if stamp else "has no version stamp"
-    )
-    return SchemaState(
-        "unrecognised",
-        None,
-        f"The database holds Mailslot tables ({', '.join(sorted(ours))}) but {problem}"
-        + (f" and lacks {missing}" if missing else "")
-        + ", so this Mailslot cannot tell what it is. Restore a backup, or use an empty database.",
-    )
+def table_names(conn: Connection) -> set[str]:
+    """The names of the tables the database holds."""
+    return set(sa.inspect(conn).get_table_names())
 
 
-def upgrade_db(url: str | None = None) -> list[str]:
-    """Bring the database (the app's, or ``url``) to the newest revision; what changed, if any.
-
-    An empty database gets every migration; one made by release 1 is stamped at 0001 without a
-    row changing, then upgraded; one at an older revision is upgraded. Idempotent, and one process
-    at a time: the others wait for the lock, then find nothing to do (an empty list). A database
-    this code cannot read (newer, or unrecognised) raises SchemaMismatch and is left untouched.
-    """
-    with migration_connection(url or _app_database_url()) as conn:
-        state = schema_state(conn)
-        if state.kind in ("newer", "unrecognised"):
-            raise SchemaMismatch(state.detail)
-        if state.kind == "current":
-            return []
-        from alembic import command
-
-        config = alembic_config(conn)
-        done: list[str] = []
-        start = state.revision
-        if state.kind == "release-1":
-            command.stamp(config, RELEASE_1_REVISION)
-            conn.execute(
-                sa.update(meta).where(meta.c.key == "schema_version").values(value=ALEMBIC_STAMP)
-            )
-            start = RELEASE_1_REVISION
-            done.append(
-                f"Brought a database from release 1 under Alembic at revision {start}; "
-                "no row was changed."
-            )
-        command.upgrade(config, "head")
-        steps = _revisions_after(start)
-        if start is None:
-            done.append(f"Created the database at revision {SCHEMA_REVISION} (head).")
-        elif steps:
-            done.append(f"Upgraded {' → '.join([start, *steps])} (head).")
-    for line in done:
-        log.info("database.upgraded", done=line)
-    return done
+def alembic_revisions(conn: Connection) -> list[str]:
+    """The revisions Alembic stamped the database with (it has the table)."""
+    return list(conn.execute(sa.select(_alembic_version.c.version_num)).scalars())
 
 
-def create_embedded_db() -> list[str]:
-    """On start with SQLite, a missing database is created by the migrations; what was done.
+def schema_stamp(conn: Connection) -> str | None:
+    """Release 1's schema version stamp, when the database has one (it has the table)."""
+    return conn.execute(
+        sa.select(meta.c.value).where(meta.c.key == "schema_version")
+    ).scalar_one_or_none()
 
-    Only an empty database: upgrading one that holds data is the upgrade command's job, which
-    `just run` and the release phase run first. A database that needs it is logged here.
-    """
-    with connection() as conn:
-        state = schema_state(conn)
-    if state.kind == "empty":
-        return upgrade_db()
-    if state.kind != "current":
-        log.warning("database.not_current", state=state.kind, detail=state.detail)
-    return []
+
+def set_schema_stamp(conn: Connection, value: str) -> None:
+    """Change release 1's schema version stamp (release 1 refuses any value but its own)."""
+    conn.execute(sa.update(meta).where(meta.c.key == "schema_version").values(value=value))
 
 
 @contextmanager
@@ -474,7 +371,7 @@ def migration_connection(url: str) -> Iterator[Connection]:
     """
     engine = _migration_engine(url)
     try:
-        with engine.begin() as conn:
+        with _own_errors(), engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
             yield conn
@@ -482,7 +379,7 @@ def migration_connection(url: str) -> Iterator[Connection]:
                 broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
                 if broken:
                     tables = ", ".join(sorted({row[0] for row in broken}))
-                    raise SchemaMismatch(
+                    raise BrokenReferences(
                         f"The upgrade would leave rows in {tables} whose foreign keys point "
                         "nowhere; nothing was changed."
                     )
@@ -490,26 +387,16 @@ def migration_connection(url: str) -> Iterator[Connection]:
         engine.dispose()
 
 
-def alembic_config(connection: Connection | None = None) -> AlembicConfig:
-    """Alembic's configuration, in code (no alembic.ini): our migrations, on this connection."""
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
-    config.attributes["connection"] = connection
-    return config
-
-
 def _migration_engine(url: str) -> Engine:
     """A one-connection engine for upgrades, apart from the app's pool."""
     if not url.startswith("sqlite"):
         return sa.create_engine(
             url,
-            json_serializer=_json_dumps,
+            json_serializer=json_text,
             poolclass=sa.pool.NullPool,
             connect_args={"connect_timeout": 5},
         )
-    engine = sa.create_engine(url, json_serializer=_json_dumps, poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(url, json_serializer=json_text, poolclass=sa.pool.NullPool)
     sa.event.listen(
         engine,
         "connect",
@@ -530,57 +417,19 @@ def _begin_exclusive(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN EXCLUSIVE")
 
 
-def _app_database_url() -> str:
-    """The current app's database URL, password included."""
-    return stores().engine.url.render_as_string(hide_password=False)
+def database_url() -> str:
+    """The current app's database URL, password included (for the migration connection)."""
+    return database().engine.url.render_as_string(hide_password=False)
 
 
-@cache
-def _script_directory() -> ScriptDirectory:
-    """The migration scripts (read once per process)."""
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(alembic_config())
+# =================================================================================================
+# Public ids
+# =================================================================================================
 
 
-def _known_revisions() -> set[str]:
-    """Every revision this code's migrations know."""
-    return {script.revision for script in _script_directory().walk_revisions()}
-
-
-def _revisions_after(start: str | None) -> list[str]:
-    """The revisions from just after ``start`` up to the head, oldest first."""
-    scripts = _script_directory().iterate_revisions("head", start or "base")
-    return [script.revision for script in reversed(list(scripts))]
-
-
-def redis_reachable(*, broker: bool = False) -> bool:
-    """True when the cache's Redis (or the broker's) answers a PING within its timeout."""
-    client = stores().broker_redis if broker else stores().redis
-    try:
-        return client is not None and bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-
-
-def broker_eviction_policy() -> str | None:
-    """The broker's Redis ``maxmemory-policy``; None in embedded mode or when Redis cannot say.
-
-    CONFIG GET first; managed Redis services that forbid CONFIG report it in INFO memory.
-    """
-    client = stores().broker_redis
-    if client is None:
-        return None
-    try:
-        try:
-            policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
-        except redis.ResponseError:  # CONFIG disabled, renamed or not permitted
-            policy = None
-        policy = policy or client.info("memory").get("maxmemory_policy")
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("broker-policy", exc)
-        return None
-    return str(policy) if policy else None
+def new_public_id() -> str:
+    """A random, URL-safe public id with 128 bits of entropy (forms, submissions)."""
+    return secrets.token_urlsafe(16)
 
 
 # =================================================================================================
@@ -588,22 +437,22 @@ def broker_eviction_policy() -> str | None:
 # =================================================================================================
 
 
-def insert_user(conn: Connection, email: str, password_hash: str) -> Row:
-    """Add an owner; raises IntegrityError when the email is taken."""
+def insert_user(conn: Connection, email: str, password_hash: str) -> records.User:
+    """Add an owner; raises Duplicate when the email is taken."""
     user_id = conn.execute(
         sa.insert(users).values(email=email, password_hash=password_hash, created_at=utcnow())
     ).inserted_primary_key[0]
-    return conn.execute(sa.select(users).where(users.c.id == user_id)).one()
+    return records.User(*conn.execute(sa.select(users).where(users.c.id == user_id)).one())
 
 
-def user_by_email(conn: Connection, email: str) -> Row | None:
+def user_by_email(conn: Connection, email: str) -> records.User | None:
     """The owner with this (lower-cased) email."""
-    return conn.execute(sa.select(users).where(users.c.email == email)).one_or_none()
+    return _one(records.User, conn.execute(sa.select(users).where(users.c.email == email)))
 
 
-def user_by_id(conn: Connection, user_id: int) -> Row | None:
+def user_by_id(conn: Connection, user_id: int) -> records.User | None:
     """The owner with this id."""
-    return conn.execute(sa.select(users).where(users.c.id == user_id)).one_or_none()
+    return _one(records.User, conn.execute(sa.select(users).where(users.c.id == user_id)))
 
 
 def set_password_hash(conn: Connection, user_id: int, password_hash: str) -> None:
@@ -634,13 +483,14 @@ def mark_email_confirmed(conn: Connection, user_id: int, email: str) -> bool:
 # Forms
 # =================================================================================================
 
-FORM_COLUMNS = (
-    "name", "fields", "schema_version", "strict", "redirect_url", "allowed_domains",
-    "honeypot_field", "webhook_url", "webhook_secret", "notify", "status",
-)  # fmt: skip
+# A form's columns in the order of records.Form's fields (the public view's first), so that a row
+# builds the record by position.
+_FORM_COLUMNS = tuple(forms.c[name] for name in records.Form.__dataclass_fields__)
 
 
-def insert_form(conn: Connection, owner_id: int, public_id: str, values: dict[str, Any]) -> Row:
+def insert_form(
+    conn: Connection, owner_id: int, public_id: str, values: dict[str, Any]
+) -> records.Form:
     """Add a form for an owner."""
     now = utcnow()
     form_id = conn.execute(
@@ -648,7 +498,7 @@ def insert_form(conn: Connection, owner_id: int, public_id: str, values: dict[st
             owner_id=owner_id, public_id=public_id, created_at=now, updated_at=now, **values
         )
     ).inserted_primary_key[0]
-    return conn.execute(sa.select(forms).where(forms.c.id == form_id)).one()
+    return records.Form(*conn.execute(sa.select(*_FORM_COLUMNS).where(forms.c.id == form_id)).one())
 
 
 def update_form(conn: Connection, form_id: int, values: dict[str, Any]) -> None:
@@ -675,19 +525,31 @@ def delete_form(conn: Connection, form_id: int) -> None:
     conn.execute(sa.delete(forms).where(forms.c.id == form_id))
 
 
-def form_by_public_id(conn: Connection, public_id: str) -> Row | None:
-    """A form by its public id, whoever owns it (the public endpoint's lookup)."""
-    return conn.execute(sa.select(forms).where(forms.c.public_id == public_id)).one_or_none()
+def form_by_public_id(conn: Connection, public_id: str) -> records.Form | None:
+    """A form by its public id, whoever owns it."""
+    query = sa.select(*_FORM_COLUMNS).where(forms.c.public_id == public_id)
+    return _one(records.Form, conn.execute(query))
 
 
-def owned_form(conn: Connection, owner_id: int, public_id: str) -> Row | None:
+_PUBLIC_FORM = sa.select(
+    *(forms.c[name] for name in records.PublicForm.__dataclass_fields__)
+).where(forms.c.public_id == sa.bindparam("public_id"))
+
+
+def public_view_of_form(conn: Connection, public_id: str) -> records.PublicForm | None:
+    """The public view of a form by its public id, whoever owns it (the cache's fill)."""
+    return _one(records.PublicForm, conn.execute(_PUBLIC_FORM, {"public_id": public_id}))
+
+
+def owned_form(conn: Connection, owner_id: int, public_id: str) -> records.Form | None:
     """A form by public id, only when this owner has it."""
-    return conn.execute(
-        sa.select(forms).where(forms.c.public_id == public_id, forms.c.owner_id == owner_id)
-    ).one_or_none()
+    query = sa.select(*_FORM_COLUMNS).where(
+        forms.c.public_id == public_id, forms.c.owner_id == owner_id
+    )
+    return _one(records.Form, conn.execute(query))
 
 
-def forms_with_counts(conn: Connection, owner_id: int) -> list[Row]:
+def forms_with_counts(conn: Connection, owner_id: int) -> list[records.FormWithCounts]:
     """The owner's forms, newest first, with submission counts and the newest submission time."""
     counts = (
         sa.select(
@@ -701,7 +563,7 @@ def forms_with_counts(conn: Connection, owner_id: int) -> list[Row]:
     )
     query = (
         sa.select(
-            forms,
+            *_FORM_COLUMNS,
             sa.func.coalesce(counts.c.submission_count, 0).label("submission_count"),
             counts.c.newest_at,
         )
@@ -709,7 +571,7 @@ def forms_with_counts(conn: Connection, owner_id: int) -> list[Row]:
         .where(forms.c.owner_id == owner_id)
         .order_by(forms.c.id.desc())
     )
-    return list(conn.execute(query))
+    return _all(records.FormWithCounts, conn.execute(query))
 
 
 # The submission path's statements are built once: executed with a parameter dict they reuse
@@ -723,9 +585,9 @@ _INSERT_SUBMISSION = sa.insert(submissions).returning(*submissions.c)
 _INSERT_DELIVERIES = sa.insert(deliveries).returning(deliveries.c.id, sort_by_parameter_order=True)
 
 
-def owner_of_form(conn: Connection, form_id: int) -> Row | None:
+def owner_of_form(conn: Connection, form_id: int) -> records.User | None:
     """The user who owns a form."""
-    return conn.execute(_OWNER_OF_FORM, {"form_id": form_id}).one_or_none()
+    return _one(records.User, conn.execute(_OWNER_OF_FORM, {"form_id": form_id}))
 
 
 # =================================================================================================
@@ -739,10 +601,10 @@ def search_text(data: dict[str, Any]) -> str:
     return "\n".join(parts).casefold()
 
 
-def insert_submission(conn: Connection, values: dict[str, Any]) -> Row:
+def insert_submission(conn: Connection, values: dict[str, Any]) -> records.Submission:
     """Store one submission (its search text is derived from its data)."""
     values = {"search_text": search_text(values["data"]), **values, "created_at": utcnow()}
-    return conn.execute(_INSERT_SUBMISSION, values).one()
+    return records.Submission(*conn.execute(_INSERT_SUBMISSION, values).one())
 
 
 def insert_deliveries(
@@ -784,7 +646,7 @@ def submission_page(
     spam: bool | None = False,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
-) -> list[Row]:
+) -> list[records.Submission]:
     """One page of a form's submissions, newest first, keyset-paged by id (``before``)."""
     stmt = sa.select(submissions).where(submissions.c.form_id == form_id)
     if before is not None:
@@ -799,24 +661,33 @@ def submission_page(
         stmt = stmt.where(submissions.c.created_at >= since)
     if until is not None:
         stmt = stmt.where(submissions.c.created_at < until)
-    return list(conn.execute(stmt.order_by(submissions.c.id.desc()).limit(limit)))
+    return _all(
+        records.Submission, conn.execute(stmt.order_by(submissions.c.id.desc()).limit(limit))
+    )
 
 
-def iter_submissions(conn: Connection, form_id: int, batch: int = 1000) -> Iterator[Row]:
+_EXPORTED_SUBMISSION = sa.select(
+    *(submissions.c[name] for name in records.ExportedSubmission.__dataclass_fields__)
+)
+
+
+def iter_submissions(
+    conn: Connection, form_id: int, batch: int = 1000
+) -> Iterator[records.ExportedSubmission]:
     """Every non-spam submission of a form, oldest first, fetched in batches (constant memory)."""
     last = 0
     while True:
-        rows = list(
+        rows = _all(
+            records.ExportedSubmission,
             conn.execute(
-                sa.select(submissions)
-                .where(
+                _EXPORTED_SUBMISSION.where(
                     submissions.c.form_id == form_id,
                     submissions.c.id > last,
                     submissions.c.is_spam.is_(False),
                 )
                 .order_by(submissions.c.id)
                 .limit(batch)
-            )
+            ),
         )
         yield from rows
         if len(rows) < batch:
@@ -824,13 +695,12 @@ def iter_submissions(conn: Connection, form_id: int, batch: int = 1000) -> Itera
         last = rows[-1].id
 
 
-def submission_in_form(conn: Connection, form_id: int, public_id: str) -> Row | None:
+def submission_in_form(conn: Connection, form_id: int, public_id: str) -> records.Submission | None:
     """A submission by public id, only within this form."""
-    return conn.execute(
-        sa.select(submissions).where(
-            submissions.c.form_id == form_id, submissions.c.public_id == public_id
-        )
-    ).one_or_none()
+    query = sa.select(submissions).where(
+        submissions.c.form_id == form_id, submissions.c.public_id == public_id
+    )
+    return _one(records.Submission, conn.execute(query))
 
 
 def set_spam(conn: Connection, submission_id: int, is_spam: bool, reason: str | None) -> None:
@@ -847,435 +717,16 @@ def delete_submission(conn: Connection, submission_id: int) -> None:
     _delete_submissions(conn, [submission_id])
 
 
-def deliveries_for(conn: Connection, submission_id: int) -> list[Row]:
+def deliveries_for(conn: Connection, submission_id: int) -> list[records.Delivery]:
     """A submission's delivery log."""
-    return list(
+    return _all(
+        records.Delivery,
         conn.execute(
             sa.select(deliveries)
             .where(deliveries.c.submission_id == submission_id)
             .order_by(deliveries.c.id)
-        )
+        ),
     )
-
-
-# =================================================================================================
-# Redis: the form cache, counters and rate limits
-# =================================================================================================
-# Every key is namespaced (``<prefix>v1:…``) and gets a TTL. Redis is a speed-up and an abuse
-# brake, never a dependency: on any Redis error we read through to SQL, fall back to an
-# in-process limiter, and warn at most once a minute.
-
-FORM_CACHE_TTL = 300
-NEGATIVE_CACHE_TTL = 30
-COUNTER_TTL = 40 * 24 * 3600
-STATS_TTL = 60
-_CACHED_FORM_COLUMNS = (
-    "id", "public_id", "owner_id", "name", "fields", "schema_version", "strict",
-    "redirect_url", "allowed_domains", "honeypot_field", "webhook_url", "notify", "status",
-    "spam_rules", "description", "thanks_message", "show_branding",
-)  # fmt: skip
-_warned_at: dict[str, float] = {}
-_warn_lock = threading.Lock()
-
-
-def redis_trouble(what: str, exc: BaseException) -> None:
-    """Log a Redis failure as a warning, at most once a minute per kind of use."""
-    now = time.monotonic()
-    with _warn_lock:
-        if now - _warned_at.get(what, -1e9) < 60:
-            return
-        _warned_at[what] = now
-    log.warning("redis.unavailable", use=what, error=f"{type(exc).__name__}: {exc}"[:200])
-
-
-def _key(*parts: Any) -> str:
-    """A namespaced, versioned key."""
-    return stores().key_prefix + "v1:" + ":".join(str(p) for p in parts)
-
-
-class CachedForm(SimpleNamespace):
-    """The public view of a form, as the submission path and the hosted page need it."""
-
-
-def _cached_form(row: Row) -> CachedForm:
-    """The cacheable columns of a form row (never the webhook secret)."""
-    return CachedForm(**{name: getattr(row, name) for name in _CACHED_FORM_COLUMNS})
-
-
-def public_form(public_id: str) -> CachedForm | None:
-    """A form by public id through the cache (a miss reads SQL and fills the cache)."""
-    try:
-        raw = stores().redis.get(_key("form", public_id))
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("form-cache", exc)
-        return _form_from_sql(public_id)
-    return _form_from_cache_or_sql(public_id, raw)
-
-
-def _form_from_cache_or_sql(public_id: str, raw: str | None) -> CachedForm | None:
-    """A cache reply decoded; on a miss the form from SQL, written to the cache (a found form
-    for FORM_CACHE_TTL, an unknown id for NEGATIVE_CACHE_TTL)."""
-    if raw is not None:
-        data = json.loads(raw)
-        return CachedForm(**data) if data else None
-    form = _form_from_sql(public_id)
-    ttl = FORM_CACHE_TTL if form is not None else NEGATIVE_CACHE_TTL
-    fill = _json_dumps(vars(form) if form is not None else None)
-    try:
-        stores().redis.set(_key("form", public_id), fill, ex=ttl)
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("form-cache", exc)
-    return form
-
-
-def _form_from_sql(public_id: str) -> CachedForm | None:
-    """The cacheable view of a form, read from SQL."""
-    with connection() as conn:
-        row = form_by_public_id(conn, public_id)
-    return _cached_form(row) if row is not None else None
-
-
-def intake_lookup(
-    public_id: str, limits: list[Limit], counters: tuple[tuple[str, int], ...] = ()
-) -> tuple[CachedForm | None, LimitResult]:
-    """The submission path's Redis work: the cached form, the limits and the counters together.
-
-    One round trip with a warm cache; a miss reads SQL and writes the fill in a second one.
-    Hits are counted before the form is known, so posts to unknown or paused forms count too.
-    Redis unreachable: the form from SQL and the in-process limiter.
-    """
-    now = time.time()
-    try:
-        pipe = stores().redis.pipeline(transaction=False)
-        pipe.get(_key("form", public_id))
-        _queue_hits(pipe, limits, counters, now, count=True)
-        replies = pipe.execute()
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("rate-limits", exc)
-        return _form_from_sql(public_id), _hit_local(limits, now, count=True)
-    form = _form_from_cache_or_sql(public_id, replies[0])
-    return form, _read_hits(replies[1:], limits, counters, now, count=True)
-
-
-def invalidate_form(public_id: str) -> None:
-    """Drop a form's cached entry (after every write to the form)."""
-    try:
-        stores().redis.delete(_key("form", public_id))
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("form-cache", exc)
-
-
-@contextmanager
-def form_write(public_id: str) -> Iterator[Connection]:
-    """A transaction that changes a form; its cache entry is gone before this returns."""
-    invalidate_form(public_id)
-    with transaction() as conn:
-        yield conn
-    invalidate_form(public_id)
-
-
-@dataclass(frozen=True)
-class Limit:
-    """At most ``count`` hits per ``seconds`` for one key."""
-
-    name: str
-    count: int
-    seconds: int
-
-
-@dataclass
-class LimitResult:
-    """Which limit (if any) is exceeded, and when to try again."""
-
-    exceeded: Limit | None = None
-    retry_after: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
-
-
-class _LocalWindows:
-    """The in-process stand-in used while Redis is unreachable (per process, thread-safe)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.counts: dict[str, int] = {}
-        self.logs: dict[str, dict[str, float]] = {}  # limit name -> {ticket: time}
-
-    def incr(self, key: str) -> int:
-        """Count a hit in a window; forget windows that ended."""
-        with self.lock:
-            if len(self.counts) > 100_000:
-                self.counts.clear()
-            self.counts[key] = self.counts.get(key, 0) + 1
-            return self.counts[key]
-
-    def get(self, key: str) -> int:
-        """A window's count."""
-        with self.lock:
-            return self.counts.get(key, 0)
-
-    def admit(self, limits: list[Limit], now: float, ticket: str) -> Admission:
-        """admit_attempt's decision and record, under the lock: one step, as in Redis."""
-        with self.lock:
-            if len(self.logs) > 100_000:
-                self.logs.clear()
-            logs = []
-            for limit in limits:
-                log_ = self.logs.setdefault(limit.name, {})
-                for old, at in list(log_.items()):
-                    if at <= now - 2 * limit.seconds:
-                        del log_[old]
-                logs.append(list(log_.values()))
-            admission = _admission(limits, logs, now, ticket)
-            if admission.exceeded is None:
-                for limit in limits:
-                    self.logs[limit.name][ticket] = now
-            return admission
-
-    def withdraw(self, limits: list[Limit], ticket: str) -> None:
-        """Take an attempt back."""
-        with self.lock:
-            for limit in limits:
-                self.logs.get(limit.name, {}).pop(ticket, None)
-
-
-_MICROS = 1_000_000  # the estimates work in whole microseconds: exact integer arithmetic
-
-
-def _window(limit: Limit, now: float) -> tuple[int, int]:
-    """The current fixed window's number and how far into it we are (microseconds)."""
-    return divmod(round(now * _MICROS), limit.seconds * _MICROS)
-
-
-def _decide(
-    limits: list[Limit], counts: list[tuple[int, int]], now: float, pending: int = 0
-) -> LimitResult:
-    """Compare sliding-window estimates (plus ``pending`` uncounted hits) with the limits."""
-    result = LimitResult()
-    for limit, (current, previous) in zip(limits, counts, strict=True):
-        number, into = _window(limit, now)
-        span = limit.seconds * _MICROS
-        result.counters[limit.name] = current
-        # Sliding-window estimate: this window's hits plus the unexpired share of the last one's,
-        # current + previous * (span - into) / span > count, multiplied out by span.
-        if (current + pending - limit.count) * span + previous * (span - into) > 0:
-            lifts = _estimate_lifts_at(limit.count, span, current, previous, number * span)
-            wait = -((number * span + into - lifts) // _MICROS)
-            if result.exceeded is None or wait > result.retry_after:
-                result.exceeded, result.retry_after = limit, wait
-    return result
-
-
-def _estimate_lifts_at(count: int, span: int, current: int, previous: int, start: int) -> int:
-    """The first microsecond at which one more hit fits, if no other hit comes first (the retry
-    counts too); the window of ``span`` microseconds began at ``start``.
-
-    The estimate falls as the last window's share shrinks. Within this window the retry needs
-    ``previous * (span - into) <= (count - current - 1) * span``; in the next one, where this
-    window is the last, ``current * (span - into) <= (count - 1) * span``.
-    """
-    if previous and current + 1 <= count:
-        return start + span - (count - current - 1) * span // previous
-    if current <= count - 1:
-        return start + span
-    return start + 2 * span - (count - 1) * span // current
-
-
-def hit_limits(
-    limits: list[Limit], *, extra_counters: tuple[tuple[str, int], ...] = ()
-) -> LimitResult:
-    """Count one hit against every limit (sliding windows) in ONE Redis round trip.
-
-    ``extra_counters`` (name, seconds) are counted in the same trip and reported in
-    ``counters`` (used for velocity).
-    """
-    now = clock()
-    try:
-        pipe = stores().redis.pipeline(transaction=False)
-        _queue_hits(pipe, limits, extra_counters, now, count=True)
-        replies = pipe.execute()
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("rate-limits", exc)
-        return _hit_local(limits, now, count=True)
-    return _read_hits(replies, limits, extra_counters, now, count=True)
-
-
-def _queue_hits(
-    pipe: Any,
-    limits: list[Limit],
-    counters: tuple[tuple[str, int], ...],
-    now: float,
-    *,
-    count: bool,
-) -> None:
-    """Add the commands that count (or read) the limits' windows and the counters to ``pipe``."""
-    for limit in limits:
-        number, _ = _window(limit, now)
-        key = _key("rl", limit.name, number)
-        if count:
-            pipe.incr(key)
-            pipe.expire(key, limit.seconds * 2)
-        else:
-            pipe.get(key)
-        pipe.get(_key("rl", limit.name, number - 1))
-    for name, seconds in counters:
-        key = _key("ct", name, int(now // seconds))
-        pipe.incr(key)
-        pipe.expire(key, seconds * 2)
-
-
-def _read_hits(
-    replies: list[Any],
-    limits: list[Limit],
-    counters: tuple[tuple[str, int], ...],
-    now: float,
-    *,
-    count: bool,
-) -> LimitResult:
-    """The decision from the replies to ``_queue_hits``'s commands."""
-    counts = []
-    step = 3 if count else 2
-    for i, _limit in enumerate(limits):
-        current = int(replies[i * step] or 0)
-        previous = int(replies[i * step + step - 1] or 0)
-        counts.append((current, previous))
-    result = _decide(limits, counts, now, pending=0 if count else 1)
-    base = len(limits) * step
-    for j, (name, _) in enumerate(counters):
-        result.counters[name] = int(replies[base + j * 2])
-    return result
-
-
-def _hit_local(limits: list[Limit], now: float, count: bool) -> LimitResult:
-    """The same decision from this app's in-process windows."""
-    local = stores().local_windows
-    counts = []
-    for limit in limits:
-        number, _ = _window(limit, now)
-        key = f"{limit.name}:{number}"
-        current = local.incr(key) if count else local.get(key)
-        counts.append((current, local.get(f"{limit.name}:{number - 1}")))
-    return _decide(limits, counts, now, pending=0 if count else 1)
-
-
-# --- attempts: exact sliding windows, counted before the work they guard ------------------------
-# Each limit keeps a log of the attempts it let through (a sorted set: ticket -> time). An attempt
-# is admitted only while every limit's log holds fewer than `count` attempts in the last
-# `seconds`, and the check and the record are one atomic step (MULTI/EXEC in Redis, a lock in
-# process), so simultaneous attempts cannot all squeeze past the same last free slot.
-
-
-def clock() -> float:
-    """Seconds since the epoch: the time the limits count in (tests set it)."""
-    return time.time()
-
-
-@dataclass(frozen=True)
-class Admission:
-    """One attempt: counted (``exceeded`` None), or refused for the limit that is full."""
-
-    ticket: str
-    exceeded: Limit | None = None
-    retry_after: int = 0  # whole seconds until one more attempt fits: exactly when it lifts
-
-
-def _admission(limits: list[Limit], logs: list[list[float]], now: float, ticket: str) -> Admission:
-    """The decision for an attempt at ``now`` given each limit's logged attempts (others')."""
-    exceeded, lifts_at = None, now
-    for limit, times in zip(limits, logs, strict=True):
-        recent = sorted(at for at in times if at > now - limit.seconds)
-        if len(recent) >= limit.count:
-            # One more fits once all but count - 1 of them are older than the window.
-            at = recent[len(recent) - limit.count] + limit.seconds
-            if exceeded is None or at > lifts_at:
-                exceeded, lifts_at = limit, at
-    return Admission(ticket, exceeded, math.ceil(lifts_at - now))
-
-
-def admit_attempt(limits: list[Limit]) -> Admission:
-    """Count an attempt against every limit unless one is full: atomically, in one round trip
-    (two when refused). Redis unreachable: the in-process log, under its lock."""
-    now = clock()
-    ticket = f"{now!r}:{uuid.uuid4().hex}"
-    try:
-        pipe = stores().redis.pipeline(transaction=True)
-        for limit in limits:
-            key = _key("log", limit.name)
-            # Twice the window: an attempt still in another request's window is never dropped.
-            pipe.zremrangebyscore(key, "-inf", now - 2 * limit.seconds)
-            pipe.zadd(key, {ticket: now})
-            pipe.zrange(key, 0, -1, withscores=True)
-            pipe.expire(key, 2 * limit.seconds)
-        replies = pipe.execute()
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("rate-limits", exc)
-        return stores().local_windows.admit(limits, now, ticket)
-    logs = [
-        [at for member, at in replies[index * 4 + 2] if member != ticket]
-        for index in range(len(limits))
-    ]
-    admission = _admission(limits, logs, now, ticket)
-    if admission.exceeded is not None:
-        withdraw_attempt(limits, ticket)
-    return admission
-
-
-def withdraw_attempt(limits: list[Limit], ticket: str) -> None:
-    """Take an attempt back out of every limit's log (a refused one, or one that succeeded)."""
-    try:
-        pipe = stores().redis.pipeline(transaction=False)
-        for limit in limits:
-            pipe.zrem(_key("log", limit.name), ticket)
-        pipe.execute()
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("rate-limits", exc)
-    stores().local_windows.withdraw(limits, ticket)
-
-
-def bump_counter(name: str) -> None:
-    """Count an event (kept 40 days); a Redis failure loses a count, nothing else."""
-    key = _key("count", name)
-    try:
-        pipe = stores().redis.pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.expire(key, COUNTER_TTL)
-        pipe.execute()
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("counters", exc)
-
-
-def read_counter(name: str) -> int:
-    """A counter's value, 0 when missing or when Redis is unreachable."""
-    try:
-        return int(stores().redis.get(_key("count", name)) or 0)
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("counters", exc)
-        return 0
-
-
-def cached_json(name: str, ttl: int, compute: Any) -> Any:
-    """A small JSON value through the cache: computed on a miss, kept ``ttl`` seconds."""
-    key = _key("cache", name)
-    try:
-        raw = stores().redis.get(key)
-        if raw is not None:
-            return json.loads(raw)
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("cache", exc)
-        return compute()
-    value = compute()
-    try:
-        stores().redis.set(key, _json_dumps(value), ex=ttl)
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("cache", exc)
-    return value
-
-
-def drop_cached(name: str) -> None:
-    """Forget a cached value."""
-    try:
-        stores().redis.delete(_key("cache", name))
-    except (redis.RedisError, OSError) as exc:
-        redis_trouble("cache", exc)
 
 
 def spam_count(conn: Connection, form_id: int) -> int:
@@ -1294,7 +745,7 @@ def spam_count(conn: Connection, form_id: int) -> int:
 
 def claim_delivery(
     conn: Connection, delivery_id: int, lease_seconds: int, expect_attempts: int | None = None
-) -> Row | None:
+) -> records.Delivery | None:
     """Take a delivery for sending: pending, or sending with an expired lease. None = no-op.
 
     One conditional UPDATE, so two workers holding the same message cannot both win. With
@@ -1322,7 +773,9 @@ def claim_delivery(
     )
     if result.rowcount != 1:
         return None
-    return conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
+    return records.Delivery(
+        *conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
+    )
 
 
 def finish_delivery(
@@ -1349,7 +802,7 @@ _DELIVERY_ROW = (
 )
 
 
-def delivery_context(conn: Connection, delivery_id: int) -> Row | None:
+def delivery_context(conn: Connection, delivery_id: int) -> records.SubmissionDelivery | None:
     """A delivery with its submission, form and owner, for building the message."""
     query = (
         sa.select(
@@ -1375,7 +828,8 @@ def delivery_context(conn: Connection, delivery_id: int) -> Row | None:
         )
         .where(deliveries.c.id == delivery_id)
     )
-    return conn.execute(query).one_or_none()
+    row = conn.execute(query).one_or_none()
+    return None if row is None else records.SubmissionDelivery(**row._mapping)
 
 
 def insert_account_delivery(
@@ -1402,7 +856,7 @@ def insert_account_delivery(
     ).inserted_primary_key[0]
 
 
-def account_delivery_context(conn: Connection, delivery_id: int) -> Row | None:
+def account_delivery_context(conn: Connection, delivery_id: int) -> records.AccountDelivery | None:
     """An account email with its account, for building the message."""
     query = (
         sa.select(
@@ -1416,30 +870,33 @@ def account_delivery_context(conn: Connection, delivery_id: int) -> Row | None:
         .join(users, users.c.id == deliveries.c.user_id)
         .where(deliveries.c.id == delivery_id, deliveries.c.submission_id.is_(None))
     )
-    return conn.execute(query).one_or_none()
+    row = conn.execute(query).one_or_none()
+    return None if row is None else records.AccountDelivery(**row._mapping)
 
 
-def account_deliveries(conn: Connection, user_id: int, limit: int = 20) -> list[Row]:
+def account_deliveries(conn: Connection, user_id: int, limit: int = 20) -> list[records.Delivery]:
     """The account emails of one owner, newest first."""
-    return list(
+    return _all(
+        records.Delivery,
         conn.execute(
             sa.select(deliveries)
             .where(deliveries.c.user_id == user_id, deliveries.c.submission_id.is_(None))
             .order_by(deliveries.c.id.desc())
             .limit(limit)
-        )
+        ),
     )
 
 
-def owned_account_delivery(conn: Connection, user_id: int, delivery_id: int) -> Row | None:
+def owned_account_delivery(
+    conn: Connection, user_id: int, delivery_id: int
+) -> records.Delivery | None:
     """One account email, only when it is this owner's."""
-    return conn.execute(
-        sa.select(deliveries).where(
-            deliveries.c.id == delivery_id,
-            deliveries.c.user_id == user_id,
-            deliveries.c.submission_id.is_(None),
-        )
-    ).one_or_none()
+    query = sa.select(deliveries).where(
+        deliveries.c.id == delivery_id,
+        deliveries.c.user_id == user_id,
+        deliveries.c.submission_id.is_(None),
+    )
+    return _one(records.Delivery, conn.execute(query))
 
 
 def due_deliveries(conn: Connection, limit: int, push_back_seconds: int) -> list[tuple[int, int]]:
@@ -1539,16 +996,17 @@ def set_delivery_target(conn: Connection, delivery_id: int, target: str) -> None
     conn.execute(sa.update(deliveries).where(deliveries.c.id == delivery_id).values(target=target))
 
 
-def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[Row]:
+def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[records.DeadDelivery]:
     """A form's dead deliveries with their submission ids, newest first."""
-    return list(
+    return _all(
+        records.DeadDelivery,
         conn.execute(
             sa.select(deliveries, submissions.c.public_id.label("submission_public_id"))
             .join(submissions, submissions.c.id == deliveries.c.submission_id)
             .where(submissions.c.form_id == form_id, deliveries.c.status == "dead")
             .order_by(deliveries.c.id.desc())
             .limit(limit)
-        )
+        ),
     )
 
 
@@ -1559,30 +1017,33 @@ def dead_deliveries(conn: Connection, form_id: int, limit: int = 200) -> list[Ro
 
 def insert_api_token(
     conn: Connection, user_id: int, name: str, prefix: str, token_hash: str
-) -> Row:
+) -> records.ApiToken:
     """Store a new API token (its hash and visible prefix, never the token itself)."""
     token_id = conn.execute(
         sa.insert(api_tokens).values(
             user_id=user_id, name=name, prefix=prefix, token_hash=token_hash, created_at=utcnow()
         )
     ).inserted_primary_key[0]
-    return conn.execute(sa.select(api_tokens).where(api_tokens.c.id == token_id)).one()
+    return records.ApiToken(
+        *conn.execute(sa.select(api_tokens).where(api_tokens.c.id == token_id)).one()
+    )
 
 
-def active_api_tokens(conn: Connection, user_id: int) -> list[Row]:
+def active_api_tokens(conn: Connection, user_id: int) -> list[records.ApiToken]:
     """An owner's tokens that are not revoked, newest first."""
-    return list(
+    return _all(
+        records.ApiToken,
         conn.execute(
             sa.select(api_tokens)
             .where(api_tokens.c.user_id == user_id, api_tokens.c.revoked_at.is_(None))
             .order_by(api_tokens.c.id.desc())
-        )
+        ),
     )
 
 
-def api_token_by_hash(conn: Connection, token_hash: str) -> Row | None:
+def api_token_by_hash(conn: Connection, token_hash: str) -> records.ApiTokenWithOwner | None:
     """The unrevoked token with this hash, with its owner's email and confirmation time."""
-    return conn.execute(
+    query = (
         sa.select(
             api_tokens,
             users.c.email,
@@ -1591,7 +1052,8 @@ def api_token_by_hash(conn: Connection, token_hash: str) -> Row | None:
         )
         .join(users, users.c.id == api_tokens.c.user_id)
         .where(api_tokens.c.token_hash == token_hash, api_tokens.c.revoked_at.is_(None))
-    ).one_or_none()
+    )
+    return _one(records.ApiTokenWithOwner, conn.execute(query))
 
 
 def revoke_api_token(conn: Connection, user_id: int, token_id: int) -> bool:
@@ -1623,13 +1085,16 @@ def touch_api_token(conn: Connection, token_id: int, now: dt.datetime, every: in
     )
 
 
-def owned_submission(conn: Connection, owner_id: int, public_id: str) -> Row | None:
+def owned_submission(
+    conn: Connection, owner_id: int, public_id: str
+) -> records.SubmissionWithForm | None:
     """A submission by public id with its form's public id, only when this owner has the form."""
-    return conn.execute(
+    query = (
         sa.select(submissions, forms.c.public_id.label("form_public_id"))
         .join(forms, forms.c.id == submissions.c.form_id)
         .where(submissions.c.public_id == public_id, forms.c.owner_id == owner_id)
-    ).one_or_none()
+    )
+    return _one(records.SubmissionWithForm, conn.execute(query))
 
 
 # =================================================================================================
@@ -1637,15 +1102,7 @@ def owned_submission(conn: Connection, owner_id: int, public_id: str) -> Row | N
 # =================================================================================================
 
 
-@dataclass(frozen=True)
-class DayCount:
-    """Submissions received on one UTC day."""
-
-    day: dt.date
-    count: int
-
-
-def daily_counts(conn: Connection, form_id: int, days: int) -> list[DayCount]:
+def daily_counts(conn: Connection, form_id: int, days: int) -> list[records.DayCount]:
     """Non-spam submissions per UTC day for the last ``days`` days, oldest first, zeros included."""
     first = utcnow().date() - dt.timedelta(days=days - 1)
     since = dt.datetime.combine(first, dt.time(), tzinfo=dt.UTC)
@@ -1669,7 +1126,7 @@ def daily_counts(conn: Connection, form_id: int, days: int) -> list[DayCount]:
         for row in rows
     }
     dates = [first + dt.timedelta(days=offset) for offset in range(days)]
-    return [DayCount(date, found.get(date, 0)) for date in dates]
+    return [records.DayCount(date, found.get(date, 0)) for date in dates]
 
 
 # =================================================================================================
@@ -1683,13 +1140,10 @@ def _delete_submissions(conn: Connection, ids: sa.Select[Any] | list[int]) -> in
     return conn.execute(sa.delete(submissions).where(submissions.c.id.in_(ids))).rowcount
 
 
-def forms_with_retention(conn: Connection) -> list[Row]:
-    """Forms whose owner set a retention period."""
-    return list(
-        conn.execute(
-            sa.select(forms.c.id, forms.c.retention_days).where(forms.c.retention_days.is_not(None))
-        )
-    )
+def forms_with_retention(conn: Connection) -> list[tuple[int, int]]:
+    """(form id, retention days) of the forms whose owner set a retention period."""
+    query = sa.select(forms.c.id, forms.c.retention_days).where(forms.c.retention_days.is_not(None))
+    return [(form_id, days) for form_id, days in conn.execute(query)]
 
 
 def purge_before(conn: Connection, form_id: int, cutoff: dt.datetime, batch: int) -> int:
@@ -1703,7 +1157,9 @@ def purge_before(conn: Connection, form_id: int, cutoff: dt.datetime, batch: int
     return _delete_submissions(conn, list(conn.execute(ids).scalars()))
 
 
-def submissions_mentioning(conn: Connection, owner_id: int, text: str) -> Iterator[Row]:
+def submissions_mentioning(
+    conn: Connection, owner_id: int, text: str
+) -> Iterator[records.SubmissionValues]:
     """The owner's submissions whose data or control values contain ``text`` (candidates)."""
     pattern = _like_pattern(text)
     query = (
@@ -1718,7 +1174,8 @@ def submissions_mentioning(conn: Connection, owner_id: int, text: str) -> Iterat
         )
         .order_by(submissions.c.id)
     )
-    yield from conn.execute(query)
+    for row in conn.execute(query):
+        yield records.SubmissionValues(*row)
 
 
 def delete_submissions(conn: Connection, ids: list[int]) -> int:

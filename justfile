@@ -27,7 +27,7 @@ migration message: sync
     trap 'rm -rf "$scratch"' EXIT
     export DATABASE_URL="sqlite:///$scratch/head.db" INSTANCE_PATH="$scratch/instance" REDIS_URL=""
     uv run --locked flask --app microapp upgrade-db >/dev/null
-    next="$(uv run --locked python -c 'import dal; print(f"{int(dal.SCHEMA_REVISION) + 1:04d}")')"
+    next="$(uv run --locked python -c 'import migrate; print(f"{int(migrate.SCHEMA_REVISION) + 1:04d}")')"
     uv run --locked alembic revision --autogenerate --rev-id "$next" -m {{quote(message)}}
     echo "Now edit it (names for new constraints, data to move, the downgrade), then: just test"
 
@@ -37,7 +37,7 @@ test *args: sync
 
 # Run a Celery worker with beat, for connected mode (needs REDIS_URL).
 worker: sync
-    uv run --locked celery -A tasks worker -B --loglevel INFO
+    uv run --locked celery -A microapp.celery_app worker -B --loglevel INFO
 
 # A private redis-server on its own port for local connected mode; stop it with Ctrl-C.
 redis:

@@ -5,6 +5,7 @@ Views stay thin: they parse the request, call one function in ``services``, and 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -39,7 +40,6 @@ from flask import (
     url_for,
 )
 from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
-from sqlalchemy.exc import OperationalError
 from werkzeug.datastructures import ImmutableMultiDict
 from werkzeug.exceptions import (
     HTTPException,
@@ -50,10 +50,16 @@ from werkzeug.formparser import FormDataParser
 from werkzeug.routing import BaseConverter
 from wtforms.validators import ValidationError as FormValidationError
 
+import cache
 import dal
 import forms
+import intake
+import migrate
+import records
 import services
 import tasks
+import users
+import validation
 from api import api, openapi_document, reference_context
 from settings import (
     Settings,
@@ -245,7 +251,8 @@ def create_app(**overrides: Any) -> Flask:
     )
     app.extensions["mailslot.settings"] = settings
     dal.init_app(app, settings)
-    tasks.celery_init_app(app, settings)
+    cache.init_app(app, settings)
+    tasks.celery_init_app(app)
     csrf.init_app(app)
 
     app.url_map.converters["pid"] = PublicIdConverter
@@ -266,7 +273,7 @@ def create_app(**overrides: Any) -> Flask:
         # A local file, not a network call: a missing database is created by the migrations on
         # first start. One that holds data is upgraded by upgrade-db only (`just run` runs it).
         with app.app_context():
-            app.extensions["mailslot.created_db"] = dal.create_embedded_db()
+            app.extensions["mailslot.created_db"] = migrate.create_embedded_db()
     log.info(
         "mailslot.start",
         mode=settings.mode,
@@ -302,8 +309,8 @@ def _frame_ancestors() -> str:
     form = g.get("public_form")
     if form is None:  # the view did not run (a CSRF failure): its answer still shows in the frame
         try:
-            form = services.public_form((request.view_args or {}).get("public_id", ""))
-        except services.FormUnavailable:
+            form = intake.public_form((request.view_args or {}).get("public_id", ""))
+        except intake.FormUnavailable:
             return "'none'"
     if not form.allowed_domains:
         return "*"  # no list means "any site may post", so any site may embed the page too
@@ -359,7 +366,7 @@ def _load_user() -> None:
     user_id, version = session.get("uid"), session.get("sv")
     if user_id is None:
         return
-    user = services.user_for_session(user_id, version)
+    user = users.user_for_session(user_id, version)
     if user is None:
         session.clear()
     g.user = user
@@ -389,7 +396,7 @@ def safe_next(target: str | None, default: str) -> str:
     return target
 
 
-def _start_session(user: dal.Row) -> None:
+def _start_session(user: records.User) -> None:
     """Clear whatever the browser had and issue a fresh session for this user."""
     session.clear()
     session["uid"] = user.id
@@ -415,11 +422,11 @@ def signup() -> Any:
     """Sign up, then log in: the same answer whether or not the address has an account."""
     form = forms.SignupForm()
     if request.method == "POST":
-        _or_429(services.check_signup_rate, request.remote_addr)
+        _or_429(users.check_signup_rate, request.remote_addr)
     if form.validate_on_submit():
-        services.sign_up(form.email.data, form.password.data)
+        users.sign_up(form.email.data, form.password.data)
         flash(
-            f"Check your inbox at {services.normalise_email(form.email.data)} for a message "
+            f"Check your inbox at {users.normalise_email(form.email.data)} for a message "
             "about your account, then log in.",
             "success",
         )
@@ -436,7 +443,7 @@ def login() -> Any:
     form = forms.LoginForm()
     next_url = safe_next(request.args.get("next"), url_for("pages.forms_index"))
     if form.validate_on_submit():
-        user = _or_429(services.log_in, form.email.data, form.password.data, request.remote_addr)
+        user = _or_429(users.log_in, form.email.data, form.password.data, request.remote_addr)
         if user is None:
             form.form_errors.append("Wrong email or password.")
         else:
@@ -450,7 +457,7 @@ def _or_429(call: Callable[..., Any], *args: Any) -> Any:
     """Run a rate-limited service call; over the limit, answer 429 with Retry-After."""
     try:
         return call(*args)
-    except services.RateLimited as exc:
+    except users.RateLimited as exc:
         raise TooManyRequests(
             "Too many attempts. Wait a few minutes and try again.", retry_after=exc.retry_after
         ) from None
@@ -461,7 +468,7 @@ def logout() -> Any:
     """End this session and every other copy of its cookie."""
     form = forms.ActionForm()
     if form.validate_on_submit() and g.user is not None:
-        services.log_out(g.user.id)
+        users.log_out(g.user.id)
     session.clear()
     flash("You are logged out.", "info")
     return redirect(url_for("pages.index"))
@@ -470,7 +477,7 @@ def logout() -> Any:
 @pages.get("/confirm/<token>")
 def confirm_email(token: str) -> Any:
     """Confirm an owner's email address from the signed link we mailed."""
-    outcome = services.confirm_email(token)
+    outcome = users.confirm_email(token)
     messages = {
         "confirmed": ("Your email address is confirmed.", "success"),
         "already": ("Your email address was already confirmed.", "info"),
@@ -495,7 +502,7 @@ def account() -> str:
     return render_template(
         "account.html",
         resend_form=forms.ActionForm(),
-        account_emails=services.account_emails(g.user.id),
+        account_emails=users.account_emails(g.user.id),
     )
 
 
@@ -504,7 +511,7 @@ def account() -> str:
 def account_email_replay(delivery_id: int) -> Any:
     """Send a done or dead account email again (links in it are made afresh)."""
     if forms.ActionForm().validate_on_submit():
-        if not services.replay_account_email(g.user.id, delivery_id):
+        if not users.replay_account_email(g.user.id, delivery_id):
             abort(404)
         flash("The email is queued again.", "success")
     return redirect(url_for("pages.account"))
@@ -517,13 +524,13 @@ def account_tokens() -> Any:
     form = forms.ApiTokenForm()
     new_token = None
     if form.validate_on_submit():
-        _, new_token = services.create_api_token(g.user.id, form.name.data)
+        _, new_token = users.create_api_token(g.user.id, form.name.data)
         form = forms.ApiTokenForm(formdata=None)
     page = render_template(
         "account_tokens.html",
         form=form,
         new_token=new_token,
-        tokens=services.list_api_tokens(g.user.id),
+        tokens=users.list_api_tokens(g.user.id),
         revoke_form=forms.ActionForm(),
     )
     response = current_app.make_response((page, 422 if form.errors else 200))
@@ -536,7 +543,7 @@ def account_tokens() -> Any:
 def account_token_revoke(token_id: int) -> Any:
     """Revoke a token: programs using it get 401 from the next request on."""
     if forms.ActionForm().validate_on_submit():
-        if not services.revoke_api_token(g.user.id, token_id):
+        if not users.revoke_api_token(g.user.id, token_id):
             abort(404)
         flash("Token revoked. Programs that use it now get 401 Unauthorized.", "success")
     return redirect(url_for("pages.account_tokens"))
@@ -547,7 +554,7 @@ def account_token_revoke(token_id: int) -> Any:
 def resend_confirmation() -> Any:
     """Send the confirmation link again."""
     if forms.ActionForm().validate_on_submit():
-        if _or_429(services.send_confirmation, g.user.id):
+        if _or_429(users.send_confirmation, g.user.id):
             flash(f"We sent a new confirmation link to {g.user.email}.", "success")
         else:
             flash("Your email address is already confirmed.", "info")
@@ -577,7 +584,7 @@ def forms_index() -> str:
     return render_template("forms_index.html", forms=services.list_forms(g.user.id))
 
 
-def _owned_form(public_id: str) -> dal.Row:
+def _owned_form(public_id: str) -> records.Form:
     """The logged-in owner's form, or 404 (also for someone else's form)."""
     try:
         return services.owned_form(g.user.id, public_id)
@@ -585,7 +592,7 @@ def _owned_form(public_id: str) -> dal.Row:
         abort(404)
 
 
-def _owned_submission(form: dal.Row, submission_id: str) -> dal.Row:
+def _owned_submission(form: records.Form, submission_id: str) -> records.Submission:
     """A submission of the owner's form, or 404."""
     try:
         return services.owned_submission(form, submission_id)
@@ -615,7 +622,7 @@ def form_settings(public_id: str) -> Any:
         return _render_settings(record)
     form = forms.FormSettingsForm()
     if form.validate_on_submit():
-        clash = forms.honeypot_clash(record.fields or [], form.honeypot_field.data)
+        clash = validation.honeypot_clash(record.fields or [], form.honeypot_field.data)
         if clash is None:
             services.update_form_settings(record, forms.settings_values(form))
             flash("Settings saved.", "success")
@@ -663,7 +670,7 @@ def form_webhook_secret(public_id: str) -> Any:
     return _secret_page(record, secret)
 
 
-def _secret_page(record: dal.Row, secret: str) -> Any:
+def _secret_page(record: records.Form, secret: str) -> Any:
     """The settings page showing the signing secret in full, kept out of every cache."""
     response = current_app.make_response(_render_settings(record, shown_secret=secret))
     response.headers["Cache-Control"] = "no-store"
@@ -671,11 +678,14 @@ def _secret_page(record: dal.Row, secret: str) -> Any:
 
 
 def _render_settings(
-    record: dal.Row, form: Any = None, webhook_form: Any = None, shown_secret: str | None = None
+    record: records.Form,
+    form: Any = None,
+    webhook_form: Any = None,
+    shown_secret: str | None = None,
 ) -> str:
     """The settings page with its two forms; the signing secret masked unless ``shown_secret``."""
     if form is None:
-        form = forms.FormSettingsForm(data=forms.settings_form_data(record._mapping))
+        form = forms.FormSettingsForm(data=forms.settings_form_data(dataclasses.asdict(record)))
     if webhook_form is None:
         webhook_form = forms.WebhookForm(data={"url": record.webhook_url or ""})
     masked = services.masked_secret(record.webhook_secret) if record.webhook_secret else None
@@ -704,7 +714,7 @@ def form_fields(public_id: str) -> Any:
         return render_template("form_fields.html", form=form, record=record)
     if form.validate_on_submit():
         specs = forms.field_specs(form)
-        clash = forms.honeypot_clash(specs, record.honeypot_field)
+        clash = validation.honeypot_clash(specs, record.honeypot_field)
         if clash is None:
             services.save_fields(record, specs)
             flash("Fields saved. The hosted page and validation use them from now on.", "success")
@@ -828,7 +838,7 @@ def export_json(public_id: str) -> Any:
     return _download(services.export_json(record), record, "json", "application/json")
 
 
-def _download(chunks: Any, record: dal.Row, extension: str, content_type: str) -> Any:
+def _download(chunks: Any, record: records.Form, extension: str, content_type: str) -> Any:
     """A streamed attachment named after the form, with exactly this Content-Type (werkzeug
     would add a second charset to a text/* ``mimetype`` that already names one)."""
     response = current_app.response_class(stream_with_context(chunks), content_type=content_type)
@@ -867,20 +877,20 @@ def _limit_public_bodies(sender: Flask, **_extra: Any) -> None:
         request.max_content_length = current_settings().submission_max_bytes
 
 
-def _read_payload() -> services.Payload:
+def _read_payload() -> intake.Payload:
     """Parse the body of a submission, whatever kind of client sent it."""
     if request.mimetype == "application/json":
-        values, problem = forms.load_json_fields(request.get_data(cache=True))
+        values, problem = validation.load_json_fields(request.get_data(cache=True))
         if problem is not None:
-            return services.Payload("unreadable", problem=problem)
-        return services.Payload("json", values)
+            return intake.Payload("unreadable", problem=problem)
+        return intake.Payload("json", values)
     if request.mimetype in _FORM_TYPES:
         if isinstance(request.form, UnreadableForm):
-            return services.Payload("unreadable", problem=request.form.problem)
+            return intake.Payload("unreadable", problem=request.form.problem)
         values = {key: items for key, items in request.form.to_dict(flat=False).items()}
         has_files = any(f.filename for f in request.files.values())
-        return services.Payload("form", values, has_files=has_files)
-    return services.Payload("unsupported")
+        return intake.Payload("form", values, has_files=has_files)
+    return intake.Payload("unsupported")
 
 
 def _wants_json_answer() -> bool:
@@ -892,22 +902,22 @@ def _wants_json_answer() -> bool:
     )
 
 
-def _intake(public_id: str, hosted: bool) -> services.IntakeResult:
+def _intake(public_id: str, hosted: bool) -> intake.IntakeResult:
     """Run intake for this request."""
-    return services.record_submission(
-        services.IntakeRequest(
+    return intake.record_submission(
+        intake.IntakeRequest(
             public_id=public_id,
             payload=_read_payload(),
-            origin=forms.request_header_text(request.headers.get("Origin")),
-            referrer=forms.request_header_text(request.referrer),
+            origin=validation.request_header_text(request.headers.get("Origin")),
+            referrer=validation.request_header_text(request.referrer),
             client_ip=request.remote_addr,
-            user_agent=forms.request_header_text(request.user_agent.string),
+            user_agent=validation.request_header_text(request.user_agent.string),
             hosted=hosted,
         )
     )
 
 
-def _unavailable(exc: services.FormUnavailable, json_shape: bool = False) -> Any:
+def _unavailable(exc: intake.FormUnavailable, json_shape: bool = False) -> Any:
     """Intake's refusal as the endpoint's JSON shape or as a page; 429s say when to retry."""
     if json_shape:
         response = jsonify(ok=False, error=exc.message)
@@ -924,7 +934,7 @@ def submit(public_id: str) -> Any:
     """The endpoint any website's form posts to."""
     try:
         result = _intake(public_id, hosted=False)
-    except services.FormUnavailable as exc:
+    except intake.FormUnavailable as exc:
         return _unavailable(exc, json_shape=_wants_json_answer())
     g.public_form = result.form
     if result.outcome == "invalid":
@@ -940,8 +950,8 @@ def submit(public_id: str) -> Any:
 def submit_preflight(public_id: str) -> Any:
     """CORS preflight for fetch() from the form's allowed sites."""
     try:
-        g.public_form = services.public_form(public_id)
-    except services.FormUnavailable:
+        g.public_form = intake.public_form(public_id)
+    except intake.FormUnavailable:
         g.public_form = None
     response = current_app.response_class(status=204)
     response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
@@ -961,10 +971,10 @@ def _cors(response: Any) -> Any:
         form = g.get("public_form")
         if form is None and request.view_args:
             try:
-                form = services.public_form(request.view_args["public_id"])
-            except services.FormUnavailable:
+                form = intake.public_form(request.view_args["public_id"])
+            except intake.FormUnavailable:
                 form = None
-        allowed = services.cors_origin(form, request.headers.get("Origin"))
+        allowed = intake.cors_origin(form, request.headers.get("Origin"))
         if allowed:
             response.headers["Access-Control-Allow-Origin"] = allowed
         response.vary.add("Origin")
@@ -975,8 +985,8 @@ def _cors(response: Any) -> Any:
 def hosted_page(public_id: str) -> Any:
     """The form page Mailslot hosts for owners without a website."""
     try:
-        record = services.public_form(public_id)
-    except services.FormUnavailable as exc:
+        record = intake.public_form(public_id)
+    except intake.FormUnavailable as exc:
         return _unavailable(exc)
     g.public_form = record
     form = forms.hosted_form_class(record.fields or [])()
@@ -989,7 +999,7 @@ def _render_hosted(record: Any, form: Any) -> str:
         "hosted.html",
         record=record,
         form=form,
-        render_token=services.render_token(record.public_id),
+        render_token=intake.render_token(record.public_id),
     )
 
 
@@ -1002,18 +1012,18 @@ def hosted_submit(public_id: str) -> Any:
     for an anonymous public form the stamp proves just as well that our page was filled in.
     """
     try:
-        record = services.public_form(public_id)
-    except services.FormUnavailable as exc:
+        record = intake.public_form(public_id)
+    except intake.FormUnavailable as exc:
         return _unavailable(exc)
     g.public_form = record
     form = forms.hosted_form_class(record.fields or [])()
     stamp = request.form.get("_rendered")
-    if not (_session_csrf_valid() or services.render_stamp_valid(stamp, record.public_id)):
+    if not (_session_csrf_valid() or intake.render_stamp_valid(stamp, record.public_id)):
         form.form_errors.append("This form expired. Reload the page and send it again.")
         return _render_hosted(record, form), 400
     try:
         result = _intake(public_id, hosted=True)
-    except services.FormUnavailable as exc:
+    except intake.FormUnavailable as exc:
         return _unavailable(exc)
     if result.outcome == "invalid":
         forms.attach_errors(form, result.errors)
@@ -1037,8 +1047,8 @@ def _session_csrf_valid() -> bool:
 def thanks(public_id: str) -> Any:
     """Where a submitter lands when the owner set no redirect."""
     try:
-        record = services.public_form(public_id)
-    except services.FormUnavailable as exc:
+        record = intake.public_form(public_id)
+    except intake.FormUnavailable as exc:
         return _unavailable(exc)
     g.public_form = record
     back_url, back_label = _back_link(record)
@@ -1047,8 +1057,8 @@ def thanks(public_id: str) -> Any:
 
 def _back_link(record: Any) -> tuple[str, str]:
     """Back to the site the submitter came from when the browser says so, else to the form."""
-    came_from = forms.parse_web_url(forms.request_header_text(request.referrer))
-    here = forms.parse_web_url(request.host_url)
+    came_from = validation.parse_web_url(validation.request_header_text(request.referrer))
+    here = validation.parse_web_url(request.host_url)
     if came_from is not None and (
         here is None or (came_from.host, came_from.port) != (here.host, here.port)
     ):
@@ -1133,9 +1143,9 @@ def _register_error_handlers(app: Flask) -> None:
             "csrf_failed",
         )
 
-    @app.errorhandler(OperationalError)
-    def database_down(exc: OperationalError) -> Any:
-        log.error("database.unavailable", error=str(exc.orig)[:200])
+    @app.errorhandler(dal.DatabaseUnavailable)
+    def database_down(exc: dal.DatabaseUnavailable) -> Any:
+        log.error("database.unavailable", error=str(exc)[:200])
         return error_response(503, "The database is unavailable; nothing was saved. Try again.")
 
     @app.errorhandler(HTTPException)
@@ -1169,29 +1179,6 @@ def _stop_serving(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def _start_embedded_sweeper(app: Flask, interval: int, stop: threading.Event) -> threading.Thread:
-    """With no worker to run beat, hand the outbox sweep to the delivery threads now and every
-    ``interval`` seconds, and the retention purge daily, until ``stop`` is set."""
-
-    def sweep_forever() -> None:
-        last_purge: float | None = None
-        while True:
-            try:
-                with app.app_context():
-                    tasks.enqueue(tasks.sweep_outbox)
-                    if last_purge is None or time.monotonic() - last_purge > 24 * 3600:
-                        tasks.enqueue(tasks.purge_retention)
-                        last_purge = time.monotonic()
-            except Exception:
-                log.exception("outbox.sweep_failed")
-            if stop.wait(interval):
-                return
-
-    thread = threading.Thread(target=sweep_forever, name="outbox-sweeper", daemon=True)
-    thread.start()
-    return thread
-
-
 def _register_cli(app: Flask) -> None:
     """Commands run as ``flask --app microapp <command>``."""
 
@@ -1201,14 +1188,12 @@ def _register_cli(app: Flask) -> None:
         # On SQLite create_app creates a missing database: that was done by this command too.
         done = app.extensions.pop("mailslot.created_db", [])
         try:
-            done += dal.upgrade_db()
-        except dal.SchemaMismatch as exc:
+            done += migrate.upgrade_db()
+        except migrate.SchemaMismatch as exc:
             raise click.ClickException(str(exc)) from None
-        except OperationalError as exc:
-            raise click.ClickException(
-                f"The database is unreachable or locked: {exc.orig}"
-            ) from None
-        for line in done or [f"Already at {dal.SCHEMA_REVISION} (head); nothing to do."]:
+        except dal.DatabaseUnavailable as exc:
+            raise click.ClickException(f"The database is unreachable or locked: {exc}") from None
+        for line in done or [f"Already at {migrate.SCHEMA_REVISION} (head); nothing to do."]:
             click.echo(line)
 
     # The release-1 name: Procfiles, unit files and scripts that call it keep working.
@@ -1228,7 +1213,7 @@ def _register_cli(app: Flask) -> None:
     @app.cli.command("purge")
     def purge_command() -> None:
         """Delete submissions past their form's retention period (idempotent)."""
-        click.echo(f"Purged {services.purge_expired()} expired submissions.")
+        click.echo(f"Purged {tasks.purge_expired()} expired submissions.")
 
     @app.cli.command("serve")
     @click.option("--host", default=None, help="Address to bind (default: HOST).")
@@ -1254,7 +1239,7 @@ def _register_cli(app: Flask) -> None:
             )
         stop_sweeping = threading.Event()
         if settings.embedded:
-            _start_embedded_sweeper(app, settings.sweep_interval, stop_sweeping)
+            tasks.start_embedded_sweeper(app, settings.sweep_interval, stop_sweeping)
         signal.signal(signal.SIGTERM, _stop_serving)
         warnings = services.log_broker_warnings()  # here, not in create_app: that stays offline
         log.info("serve", url=f"http://{host}:{port}", mode=settings.mode, warnings=len(warnings))
@@ -1266,3 +1251,21 @@ def _register_cli(app: Flask) -> None:
             stop_sweeping.set()
             handed_over = tasks.hand_over(app, timeout=5)
             log.info("serve.stopped", deliveries_handed_over=handed_over)
+
+
+# =================================================================================================
+# The worker's entry point
+# =================================================================================================
+
+
+def __getattr__(name: str) -> Any:
+    """``celery -A microapp.celery_app worker`` looks up ``microapp.celery_app``: the Flask app,
+    and its Celery app with it, are built then, once, and never when the web imports this."""
+    if name != "celery_app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    app = create_app()
+    with app.app_context():
+        services.log_broker_warnings()  # the worker's start; create_app itself stays offline
+    celery_app = app.extensions["celery"]
+    globals()["celery_app"] = celery_app
+    return celery_app

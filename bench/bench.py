@@ -2,11 +2,12 @@
 
 Not part of the test suite and not an app module. It starts, as separate processes, a private
 ``redis-server``, the web process (``flask --app microapp serve``: waitress) and one Celery worker
-with beat (``celery -A tasks worker -B``), plus, inside this process, an SMTP sink (aiosmtpd) and
-a webhook receiver (http.server) whose per-message delay can be switched at run time. The owner
-and the forms are created through the app's own functions; the 100 000-row forms are filled with
-executemany. Load comes from wrk (Debian's package, with a Lua script for the POST). Everything
-is on loopback, every loop is bounded, and every process started here is stopped at the end.
+with beat (``celery -A microapp.celery_app worker -B``), plus, inside this process, an SMTP sink
+(aiosmtpd) and a webhook receiver (http.server) whose per-message delay can be switched at run
+time. The owner and the forms are created through the app's own functions; the 100 000-row forms
+are filled with executemany. Load comes from wrk (Debian's package, with a Lua script for the
+POST). Everything is on loopback, every loop is bounded, and every process started here is
+stopped at the end.
 
 Sections: baseline + intake (req/s, p50/p99), isolation (intake p99 with 2 s downstreams vs
 instant), drain (deliveries/s for one worker), export (CSV rows/s and the web process's peak
@@ -496,19 +497,27 @@ class Bench:
         os.environ.update(self.app_env())  # the in-process app and every child read the same
         self.env = dict(os.environ)
         sys.path.insert(0, str(PROJECT))
-        import dal
         import microapp
+        import migrate
 
         self.app = microapp.create_app()
         with self.app.app_context():
-            dal.upgrade_db()  # SQLite is set up by create_app; PostgreSQL here
+            migrate.upgrade_db()  # SQLite is set up by create_app; PostgreSQL here
         self.settings = self.app.extensions["mailslot.settings"]
 
         flask = str(BIN / "flask")
         web_argv = [flask, "--app", "microapp", "serve", "--port", str(self.web_port)]
         self.web = self.procs.start("web", web_argv, self.tmp / "web.log", self.env)
         wait_until(lambda: get_status(self.web_port, "/healthz") == 200, 60, "web process")
-        worker_argv = [str(BIN / "celery"), "-A", "tasks", "worker", "-B", "--loglevel", "WARNING"]
+        worker_argv = [
+            str(BIN / "celery"),
+            "-A",
+            "microapp.celery_app",
+            "worker",
+            "-B",
+            "--loglevel",
+            "WARNING",
+        ]
         self.worker = self.procs.start("worker", worker_argv, self.tmp / "worker.log", self.env)
         ping = self.app.extensions["celery"].tasks["tasks.ping"]
         answer = ping.apply_async().get(timeout=90)
@@ -519,14 +528,16 @@ class Bench:
     def create_owner_and_forms(self) -> None:
         """A confirmed owner; an intake form with notify + webhook; the big forms."""
         import dal
+        import delivery
         import services
+        import users
 
         with self.app.app_context():
-            services.sign_up(self.owner_email, self.owner_password)
+            users.sign_up(self.owner_email, self.owner_password)
             with dal.connection() as conn:
-                user = dal.user_by_email(conn, services.normalise_email(self.owner_email))
-            token = services.confirmation_link(user.id, user.email).rsplit("/", 1)[1]
-            if services.confirm_email(token) != "confirmed":
+                user = dal.user_by_email(conn, users.normalise_email(self.owner_email))
+            token = delivery.confirmation_link(user.id, user.email).rsplit("/", 1)[1]
+            if users.confirm_email(token) != "confirmed":
                 raise RuntimeError("could not confirm the bench owner's address")
             hook = f"http://127.0.0.1:{self.down.http_port}/hook"
             for key, name, notify, webhook in (

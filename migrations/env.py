@@ -1,7 +1,7 @@
 """Alembic's environment for Mailslot: dal.metadata is the target; SQLite alters in batch mode.
 
-Two ways in. ``flask --app microapp upgrade-db`` (dal.upgrade_db) takes the migration lock on its
-own connection and hands that connection over in ``config.attributes["connection"]``. The
+Two ways in. ``flask --app microapp upgrade-db`` (migrate.upgrade_db) takes the migration lock on
+its own connection and hands that connection over in ``config.attributes["connection"]``. The
 ``alembic`` command line, for people writing migrations (``revision --autogenerate``, ``history``,
 ``current``), opens the same kind of locked connection itself, on the database the app would use
 (DATABASE_URL from the environment or settings.toml). Upgrades go through upgrade-db: only it

@@ -30,6 +30,7 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
 import microapp
+import migrate
 import tasks
 
 REQUIRE_SERVICES = os.environ.get("MAILSLOT_REQUIRE_SERVICES") == "1"
@@ -106,10 +107,10 @@ def _wipe_postgres(app: Flask) -> None:
 
 def _wipe_redis_prefix(app: Flask) -> None:
     """Delete the keys this test wrote, by its own prefix."""
-    import dal
+    import cache
 
     with app.app_context():
-        stores = dal.stores()
+        stores = cache.stores()
         keys = list(stores.redis.scan_iter(f"{stores.key_prefix}*"))
         if keys:
             stores.redis.delete(*keys)
@@ -123,10 +124,9 @@ def _wipe_redis_prefix(app: Flask) -> None:
 @pytest.fixture(scope="session")
 def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SQLite database brought to the newest revision by the migrations, once per run."""
-    import dal
 
     path = tmp_path_factory.mktemp("migrated") / "mailslot.db"
-    dal.upgrade_db(f"sqlite:///{path}")
+    migrate.upgrade_db(f"sqlite:///{path}")
     return path
 
 
@@ -164,7 +164,7 @@ def app(overrides: dict[str, Any], backend: str, request: pytest.FixtureRequest)
         with app.app_context():
             import dal
 
-            dal.upgrade_db()
+            migrate.upgrade_db()
     yield app
     # Nothing of this test may still be delivering while the next one runs.
     tasks.hand_over(app, timeout=120)
@@ -175,7 +175,7 @@ def app(overrides: dict[str, Any], backend: str, request: pytest.FixtureRequest)
     with app.app_context():
         import dal
 
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 @pytest.fixture

@@ -16,8 +16,10 @@ from flask import Flask
 
 import dal
 import microapp
+import records
 import services
 import tasks
+import users
 from conftest import (
     PASSWORD,
     AuthActions,
@@ -31,7 +33,7 @@ from conftest import (
 )
 
 
-def rows(app: Flask) -> list[dal.Row]:
+def rows(app: Flask) -> list[sa.Row[Any]]:
     """Every delivery row, oldest first (after the deliveries handed off so far settled)."""
     settle_deliveries(app)
     with app.app_context(), dal.connection() as conn:
@@ -117,11 +119,11 @@ def test_resend_queues_a_new_row_and_is_limited(app: Flask) -> None:
     auth = sign_up(app)
     answers = [
         post_form(auth.client, "/account/confirm", {}, page="/account").status_code
-        for _ in range(services.CONFIRMATION_RESENDS_PER_HOUR + 1)
+        for _ in range(users.CONFIRMATION_RESENDS_PER_HOUR + 1)
     ]
-    assert answers == [302] * services.CONFIRMATION_RESENDS_PER_HOUR + [429]
-    assert len(rows(app)) == 1 + services.CONFIRMATION_RESENDS_PER_HOUR
-    assert len(read_outbox(app)) == 1 + services.CONFIRMATION_RESENDS_PER_HOUR
+    assert answers == [302] * users.CONFIRMATION_RESENDS_PER_HOUR + [429]
+    assert len(rows(app)) == 1 + users.CONFIRMATION_RESENDS_PER_HOUR
+    assert len(read_outbox(app)) == 1 + users.CONFIRMATION_RESENDS_PER_HOUR
 
 
 # --- sending: retries, dead, replay -------------------------------------------------------------
@@ -218,7 +220,7 @@ def test_queueing_an_unknown_account_email_is_refused(app: Flask) -> None:
     with app.app_context(), dal.transaction() as conn:
         user = dal.user_by_email(conn, "owner@example.com")
         with pytest.raises(ValueError, match="no account email"):
-            services.queue_account_email(conn, user, "password")
+            users.queue_account_email(conn, user, "password")
 
 
 # --- what stays apart from forms, what goes with the user ---------------------------------------
@@ -230,7 +232,7 @@ def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def owner_with_a_form(app: Flask) -> tuple[AuthActions, dal.Row, str]:
+def owner_with_a_form(app: Flask) -> tuple[AuthActions, records.Form, str]:
     """A confirmed owner with a notifying form and one submission; (auth, form, submission)."""
     auth = sign_up(app)
     auth.confirm()
@@ -266,7 +268,7 @@ def test_retention_and_erasure_leave_account_emails_alone(app: Flask) -> None:
     with app.app_context():
         services.update_form_settings(form, {"retention_days": 1})
         later = dal.utcnow() + dt.timedelta(days=3)
-        assert services.purge_expired(later) == 1
+        assert tasks.purge_expired(later) == 1
         assert services.erase_person(form.owner_id, "owner@example.com") == 0
     assert [(r.template, r.submission_id) for r in rows(app)] == [("confirm_email", None)]
 
@@ -281,7 +283,7 @@ def test_deleting_a_user_deletes_their_account_emails(app: Flask) -> None:
 
 
 def test_a_delivery_must_belong_to_a_submission_or_a_user(app: Flask) -> None:
-    with app.app_context(), pytest.raises(sa.exc.IntegrityError), dal.transaction() as conn:
+    with app.app_context(), pytest.raises(dal.IntegrityViolation), dal.transaction() as conn:
         conn.execute(
             sa.insert(dal.deliveries).values(kind="email", target="x@example.com", status="pending")
         )

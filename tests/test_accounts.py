@@ -11,11 +11,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import dal
-import services
+import records
+import users
 from conftest import PASSWORD, AuthActions, csrf_token, message_text, post_form, read_outbox
 
 
-def user_row(app: Flask, email: str = "owner@example.com") -> dal.Row:
+def user_row(app: Flask, email: str = "owner@example.com") -> records.User:
     """The stored user for ``email``."""
     with app.app_context(), dal.connection() as conn:
         user = dal.user_by_email(conn, email)
@@ -110,7 +111,7 @@ def signup_answer(app: Flask, email: str, password: str = PASSWORD) -> dict[str,
     response = post_form(
         client, "/signup", {"email": email, "password": password, "confirm": password}
     )
-    masked = services.normalise_email(email)
+    masked = users.normalise_email(email)
     cookies = sorted(
         re.sub(r"=[^;]*", "=<value>", header, count=1)
         for header in response.headers.getlist("Set-Cookie")
@@ -202,8 +203,8 @@ def test_both_sign_up_answers_hash_the_password(
     auth.signup()
     auth.logout()
     hashed: list[str] = []
-    real_hash = services.hash_password
-    monkeypatch.setattr(services, "hash_password", lambda p: hashed.append(p) or real_hash(p))
+    real_hash = users.hash_password
+    monkeypatch.setattr(users, "hash_password", lambda p: hashed.append(p) or real_hash(p))
     signup_answer(app, "owner@example.com", "taken address pw")
     signup_answer(app, "free@example.com", "free address pw")
     assert hashed == ["taken address pw", "free address pw"]

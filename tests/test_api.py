@@ -10,7 +10,7 @@ import re
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import jsonschema_rs
@@ -25,10 +25,13 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 import api
+import cache
 import dal
-import forms
+import records
 import services
 import settings as settings_module
+import users
+import validation
 from conftest import AuthActions, WebhookReceiver, post_form, settle_deliveries
 
 TOKEN_RE = re.compile(r"ms_live_[A-Za-z0-9_-]{43}")
@@ -84,7 +87,7 @@ def make_owner(app: Flask, email: str) -> Owner:
         with dal.transaction() as conn:
             user = dal.insert_user(conn, email, "x")
             dal.mark_email_confirmed(conn, user.id, email)
-        row, token = services.create_api_token(user.id, "tests")
+        row, token = users.create_api_token(user.id, "tests")
     return Owner(user.id, email, token, row.id)
 
 
@@ -136,7 +139,7 @@ def create_form(client: FlaskClient, who: Owner, **values: Any) -> dict[str, Any
 
 def store_submissions(
     app: Flask, form_id: str, count: int, *, spam: bool = False, data: dict[str, Any] | None = None
-) -> list[dal.Row]:
+) -> list[records.Submission]:
     """Store submissions directly, oldest first (faster than posting hundreds)."""
     with app.app_context():
         with dal.connection() as conn:
@@ -147,7 +150,7 @@ def store_submissions(
                 dal.insert_submission(
                     conn,
                     {
-                        "public_id": services.new_public_id(),
+                        "public_id": dal.new_public_id(),
                         "form_id": form.id,
                         "data": data or {"n": index},
                         "schema_version": 1,
@@ -290,8 +293,8 @@ def test_session_cookie_does_not_authenticate(client: FlaskClient, auth: AuthAct
 def test_revoked_token_gets_401(app: Flask, client: FlaskClient, owner: Owner) -> None:
     assert call(client, owner, "GET", "/api/v1/me").status_code == 200
     with app.app_context():
-        assert services.revoke_api_token(owner.id, owner.token_id)
-        assert not services.revoke_api_token(owner.id, owner.token_id)
+        assert users.revoke_api_token(owner.id, owner.token_id)
+        assert not users.revoke_api_token(owner.id, owner.token_id)
     response = call(client, owner, "GET", "/api/v1/forms")
     error_of(response, 401, "unauthorized")
     assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
@@ -302,7 +305,7 @@ def test_token_records_its_last_use_at_most_once_a_minute(
 ) -> None:
     def last_used() -> Any:
         with app.app_context():
-            return services.list_api_tokens(owner.id)[0].last_used_at
+            return users.list_api_tokens(owner.id)[0].last_used_at
 
     assert last_used() is None
     call(client, owner, "GET", "/api/v1/me")
@@ -314,11 +317,11 @@ def test_token_records_its_last_use_at_most_once_a_minute(
 
 def test_tokens_are_stored_as_hashes(app: Flask, owner: Owner) -> None:
     with app.app_context():
-        row = services.list_api_tokens(owner.id)[0]
+        row = users.list_api_tokens(owner.id)[0]
     assert TOKEN_RE.fullmatch(owner.token)
     assert row.prefix == owner.token[:12]
-    assert row.token_hash == services.hash_api_token(owner.token)
-    assert owner.token not in json.dumps([str(value) for value in row])
+    assert row.token_hash == users.hash_api_token(owner.token)
+    assert owner.token not in json.dumps([str(value) for value in astuple(row)])
 
 
 # --- the per-token rate limit ----------------------------------------------------------------
@@ -328,7 +331,7 @@ def test_token_over_its_rate_limit_gets_429_with_retry_after(
     app: Flask, client: FlaskClient, owner: Owner, other: Owner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app.extensions["mailslot.settings"].api_rate_limit = "3/minute"
-    monkeypatch.setattr(dal, "clock", lambda: 1_700_000_040.0)  # the start of a minute
+    monkeypatch.setattr(cache, "clock", lambda: 1_700_000_040.0)  # the start of a minute
     for _ in range(3):
         assert call(client, owner, "GET", "/api/v1/me").status_code == 200
     response = call(client, owner, "GET", "/api/v1/me")
@@ -349,7 +352,7 @@ def test_rate_limit_falls_back_to_the_in_process_limiter_when_redis_is_down(
         raise redis.ConnectionError("down")
 
     with app.app_context():
-        monkeypatch.setattr(dal.stores().redis, "pipeline", broken)
+        monkeypatch.setattr(cache.stores().redis, "pipeline", broken)
     assert call(client, owner, "GET", "/api/v1/me").status_code == 200
     assert call(client, owner, "GET", "/api/v1/me").status_code == 429
 
@@ -675,7 +678,7 @@ def test_every_url_of_the_pattern_passes_every_check_but_resolution(
 ) -> None:
     assert document_accepts("FormCreate", "webhook_url", url)
     assert api_accepts(api.FormCreate, "webhook_url", url)
-    assert forms.is_http_url(url)
+    assert validation.is_http_url(url)
     public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
     monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: public)
     app.extensions["mailslot.settings"].webhook_allow_private = False
@@ -691,7 +694,7 @@ def test_every_url_of_the_pattern_passes_every_check_but_resolution(
 def test_every_host_of_the_pattern_is_an_allowed_domain(host: str) -> None:
     assert document_accepts("FormCreate", "allowed_domains", [host])
     assert api_accepts(api.FormCreate, "allowed_domains", [host])
-    assert forms.parse_allowed_domains(host) == [host.lower()]
+    assert validation.parse_allowed_domains(host) == [host.lower()]
 
 
 @pytest.mark.parametrize(
@@ -944,7 +947,7 @@ def test_submission_filters(app: Flask, client: FlaskClient, owner: Owner) -> No
         assert response.status_code == 200, response.get_data(as_text=True)
         return [item["id"] for item in response.get_json()["data"]]
 
-    def public(rows: list[dal.Row]) -> list[str]:
+    def public(rows: list[records.Submission]) -> list[str]:
         return [row.public_id for row in reversed(rows)]
 
     assert ids() == public(old + spam + new)
@@ -961,7 +964,9 @@ def test_submission_filters(app: Flask, client: FlaskClient, owner: Owner) -> No
 
 
 @pytest.fixture
-def paged_form(app: Flask, client: FlaskClient, owner: Owner) -> tuple[str, list[dal.Row]]:
+def paged_form(
+    app: Flask, client: FlaskClient, owner: Owner
+) -> tuple[str, list[records.Submission]]:
     """A form with five stored submissions (their ids in the table, oldest first)."""
     form = create_form(client, owner)
     return form["id"], store_submissions(app, form["id"], 5)
@@ -982,7 +987,7 @@ def paged_form(app: Flask, client: FlaskClient, owner: Owner) -> tuple[str, list
 @example(cursor="AAAAAAAAAAAA")
 @example(cursor="____________")
 def test_any_cursor_of_the_documented_pattern_is_a_position(
-    client: FlaskClient, owner: Owner, paged_form: tuple[str, list[dal.Row]], cursor: str
+    client: FlaskClient, owner: Owner, paged_form: tuple[str, list[records.Submission]], cursor: str
 ) -> None:
     form_id, stored = paged_form
     response = call(
@@ -1397,7 +1402,7 @@ _field_specs = st.lists(
     st.fixed_dictionaries(
         {"name": st.from_regex(r"[A-Za-z][A-Za-z0-9_-]{0,8}", fullmatch=True) | _json},
         optional={
-            "type": st.sampled_from(forms.FIELD_TYPES) | _json,
+            "type": st.sampled_from(validation.FIELD_TYPES) | _json,
             "label": st.text(max_size=40) | _json,
             "required": st.booleans() | _json,
             "max_length": st.integers(-5, 20_000) | _json,

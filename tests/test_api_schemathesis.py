@@ -26,6 +26,7 @@ from flask import Flask
 import api
 import dal
 import services
+import users
 from conftest import TEST_DATABASE_URL, WebhookReceiver, settle_deliveries
 
 # A fixed token, stored for each test's owner, so that schemathesis sends it as configured
@@ -114,7 +115,7 @@ def seed(app: Flask, user_id: int, webhook_url: str) -> None:
                 submission = dal.insert_submission(
                     conn,
                     {
-                        "public_id": services.new_public_id(),
+                        "public_id": dal.new_public_id(),
                         "form_id": form.id,
                         "data": {"message": f"hello {index}"},
                         "schema_version": 1,
@@ -140,9 +141,7 @@ def owner_id(app: Flask, webhook_receiver: WebhookReceiver, monkeypatch: pytest.
     with app.app_context(), dal.transaction() as conn:
         user = dal.insert_user(conn, "fuzz@example.com", "x")
         dal.mark_email_confirmed(conn, user.id, user.email)
-        dal.insert_api_token(
-            conn, user.id, "schemathesis", TOKEN[:12], services.hash_api_token(TOKEN)
-        )
+        dal.insert_api_token(conn, user.id, "schemathesis", TOKEN[:12], users.hash_api_token(TOKEN))
     seed(app, user.id, webhook_receiver.url)
     return user.id
 

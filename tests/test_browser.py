@@ -28,6 +28,7 @@ import pytest
 from flask import Flask
 
 import dal
+import intake
 import microapp
 import services
 import tasks
@@ -151,7 +152,7 @@ def live(tmp_path: Path) -> Iterator[LiveApp]:
     thread.join(timeout=5)
     tasks.hand_over(app, timeout=60)  # nothing of this test delivers after it ended
     with app.app_context():
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 class StaticSite:
@@ -476,7 +477,7 @@ def test_hosted_form_can_be_filled_and_sent_with_the_keyboard_alone(
     page.keyboard.press("Enter")
     page.wait_for_url(f"{live.url}/f/{public_id}/thanks")
     with live.app.app_context():
-        form = services.public_form(public_id)
+        form = intake.public_form(public_id)
         rows, _ = services.inbox_page(form, before=None, query="", spam=False)
     assert [row.data for row in rows] == [answers]
 
@@ -499,13 +500,13 @@ def test_screenshot_of_a_busy_inbox(page: Any, live: LiveApp) -> None:
         for n in range(count)
     ]
     with live.app.app_context():
-        form = services.public_form(public_id)
+        form = intake.public_form(public_id)
         for n, when in enumerate(sorted(received)):  # oldest first, as they would arrive
             with mock.patch.object(dal, "utcnow", return_value=when), dal.transaction() as conn:
                 dal.insert_submission(
                     conn,
                     {
-                        "public_id": services.new_public_id(),
+                        "public_id": dal.new_public_id(),
                         "form_id": form.id,
                         "data": SAMPLE_PEOPLE[n % len(SAMPLE_PEOPLE)],
                         "schema_version": form.schema_version,

@@ -246,10 +246,10 @@ def _connected_env(tmp_path: Path, url: str) -> dict[str, str]:
 
 
 def _load_the_worker_app(tmp_path: Path, url: str) -> subprocess.CompletedProcess[str]:
-    """Load ``tasks.celery`` as ``celery -A tasks worker`` does at its start."""
+    """Load ``microapp.celery_app`` as ``celery -A microapp.celery_app worker`` does at start."""
     env = {**os.environ, **_connected_env(tmp_path, url)}
     env.pop("DATABASE_URL", None)
     return subprocess.run(
-        [sys.executable, "-c", "import tasks; tasks.celery"],
+        [sys.executable, "-c", "import microapp; microapp.celery_app"],
         cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

@@ -18,7 +18,10 @@ import sqlalchemy as sa
 from flask import Flask
 
 import dal
+import delivery
+import intake
 import microapp
+import records
 import services
 import tasks
 from conftest import SMTPSink, WebhookReceiver, free_port, settle_deliveries
@@ -45,7 +48,7 @@ def outbox_app(overrides: dict[str, Any], smtp_sink: SMTPSink) -> Flask:
 
 def make_form(
     app: Flask, *, webhook_url: str | None = None, notify: bool = True, confirmed: bool = True
-) -> dal.Row:
+) -> records.Form:
     """An owner (confirmed unless told otherwise) with one lenient form."""
     with app.app_context():
         with dal.transaction() as conn:
@@ -62,14 +65,14 @@ def make_form(
         return services.owned_form(owner.id, form.public_id)
 
 
-def submit(app: Flask, form: dal.Row, data: dict[str, Any]) -> str:
+def submit(app: Flask, form: records.Form, data: dict[str, Any]) -> str:
     """Post a JSON submission; the submission's public id."""
     response = app.test_client().post(f"/f/{form.public_id}", json=data)
     assert response.status_code == 201, response.get_data(as_text=True)
     return response.json["id"]
 
 
-def deliveries(app: Flask, kind: str | None = None) -> list[dal.Row]:
+def deliveries(app: Flask, kind: str | None = None) -> list[sa.Row[Any]]:
     """Every delivery row, oldest first (after the deliveries handed off so far settled)."""
     settle_deliveries(app)
     with app.app_context(), dal.connection() as conn:
@@ -184,7 +187,7 @@ def test_header_injection_through_replyto_yields_one_recipient_and_no_bcc(
 def test_reply_to_is_used_only_when_it_is_one_address(
     meta: dict[str, Any], data: dict[str, Any], expected: str | None
 ) -> None:
-    assert tasks.reply_to_address(meta, data) == expected
+    assert delivery.reply_to_address(meta, data) == expected
 
 
 def test_permanent_smtp_refusal_goes_dead_at_once(outbox_app: Flask, smtp_sink: SMTPSink) -> None:
@@ -244,7 +247,7 @@ def test_smtp_connection_refused_is_retried_then_dead_after_the_last_attempt(
 
 
 def test_signature_matches_the_standard_webhooks_vector() -> None:
-    signature = services.sign_webhook(
+    signature = delivery.sign_webhook(
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         "msg_p5jXN8AQM9LWM0D4loKWxJek",
         1614265330,
@@ -289,7 +292,7 @@ def test_webhook_500_500_timeout_200_takes_four_attempts_then_done(
 ) -> None:
     webhook_receiver.script = [500, 500, "timeout", 200]
     clock = itertools.count(1_800_000_000, 60)
-    monkeypatch.setattr(tasks.time, "time", lambda: next(clock))
+    monkeypatch.setattr(delivery.time, "time", lambda: next(clock))
     form = make_form(outbox_app, webhook_url=webhook_receiver.url, notify=False)
     submit(outbox_app, form, {"message": "x"})
     row_id = deliveries(outbox_app)[0].id
@@ -315,7 +318,7 @@ def test_webhook_410_disables_the_webhook(
     submit(outbox_app, form, {"message": "x"})
     assert run(outbox_app, tasks.deliver, deliveries(outbox_app)[0].id) == "dead"
     with outbox_app.app_context():
-        assert services.public_form(form.public_id).webhook_url is None
+        assert intake.public_form(form.public_id).webhook_url is None
     assert "410" in deliveries(outbox_app)[0].last_error
 
 
@@ -353,7 +356,7 @@ def second_receiver() -> Any:
     receiver.server.server_close()
 
 
-def current_form(app: Flask, form: dal.Row) -> dal.Row:
+def current_form(app: Flask, form: records.Form) -> records.Form:
     """The form as stored now."""
     with app.app_context():
         return services.owned_form(form.owner_id, form.public_id)

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from test_faults import PrivateRedis
 
+import cache
 import dal
 import microapp
 import services
@@ -93,7 +94,7 @@ def test_deliveries_are_never_lost(tmp_path: Path, smtp_sink: SMTPSink) -> None:
             if server.process is None:
                 return
             with self.app.app_context():
-                raw = dal.stores().redis.rpop(self.queue)
+                raw = cache.stores().redis.rpop(self.queue)
                 if raw is None:
                     return
                 message = json.loads(raw)
@@ -142,8 +143,8 @@ def test_deliveries_are_never_lost(tmp_path: Path, smtp_sink: SMTPSink) -> None:
             done = sum(1 for r in rows if r.status == "done")
             assert len(smtp_sink.messages) == done  # nothing sent twice
             with self.app.app_context():
-                dal.stores().redis.delete(self.queue)
-                dal.stores().engine.dispose()
+                cache.stores().redis.delete(self.queue)
+                dal.database().engine.dispose()
 
     try:
         run_state_machine_as_test(

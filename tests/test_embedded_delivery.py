@@ -28,7 +28,7 @@ from test_faults import wait_for
 
 import dal
 import microapp
-import services
+import records
 import tasks
 from conftest import (
     PASSWORD,
@@ -138,7 +138,7 @@ def pending_webhook_row(app: Flask, url: str) -> int:
         submission = dal.insert_submission(
             conn,
             {
-                "public_id": services.new_public_id(),
+                "public_id": dal.new_public_id(),
                 "form_id": form.id,
                 "data": {"message": "waiting"},
                 "schema_version": 1,
@@ -149,7 +149,7 @@ def pending_webhook_row(app: Flask, url: str) -> int:
     return delivery_id
 
 
-def form_owner_email(app: Flask, form: dal.Row) -> str:
+def form_owner_email(app: Flask, form: records.Form) -> str:
     """The address of the form's owner."""
     with app.app_context(), dal.connection() as conn:
         owner = dal.owner_of_form(conn, form.id)
@@ -337,7 +337,7 @@ def test_the_sweeper_hands_due_rows_to_the_delivery_threads(
 ) -> None:
     pending_webhook_row(app, webhook_receiver.url)  # stored, handed to nobody
     stop = threading.Event()
-    microapp._start_embedded_sweeper(app, 3600, stop)
+    tasks.start_embedded_sweeper(app, 3600, stop)
     try:
         wait_for(lambda: statuses(app) == [("webhook", "done", 1)], 60, "not swept")
     finally:
@@ -359,7 +359,7 @@ def test_a_forked_child_starts_its_own_delivery_threads(
         code = 1
         try:
             with app.app_context():
-                dal.stores().engine.dispose(close=False)
+                dal.database().engine.dispose(close=False)
                 idle_at_start = tasks.wait_for_idle(app, timeout=0)
                 tasks.enqueue(tasks.deliver, fresh, 0)
                 code = 0 if idle_at_start and tasks.wait_for_idle(app, timeout=60) else 2

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dal
+import records
 import services
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -37,18 +38,20 @@ def guarded(value: str) -> str:
     return "'" + value if value.startswith(FORMULA_STARTS) else value
 
 
-def new_form(conn: Any) -> dal.Row:
+def new_form(conn: Any) -> records.Form:
     """A fresh owner with a fresh, schema-less form."""
     user = dal.insert_user(conn, f"{uuid.uuid4().hex}@example.com", "x")
-    return dal.insert_form(conn, user.id, services.new_public_id(), {"name": "Property"})
+    return dal.insert_form(conn, user.id, dal.new_public_id(), {"name": "Property"})
 
 
-def insert(conn: Any, form: dal.Row, data: dict[str, Any], is_spam: bool = False) -> dal.Row:
+def insert(
+    conn: Any, form: records.Form, data: dict[str, Any], is_spam: bool = False
+) -> records.Submission:
     """Store one submission."""
     return dal.insert_submission(
         conn,
         {
-            "public_id": services.new_public_id(),
+            "public_id": dal.new_public_id(),
             "form_id": form.id,
             "data": data,
             "schema_version": 1,

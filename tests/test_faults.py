@@ -22,6 +22,7 @@ from flask import Flask
 
 import dal
 import microapp
+import records
 import services
 from conftest import SMTPSink, WebhookReceiver, free_port, need_service, settle_deliveries
 
@@ -85,7 +86,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 class Worker:
-    """A real `celery -A tasks worker -B` subprocess sharing the test's database."""
+    """A real `celery -A microapp.celery_app worker -B` subprocess sharing the test's database."""
 
     def __init__(self, env: dict[str, str], workdir: Path) -> None:
         self.env = env
@@ -98,8 +99,8 @@ class Worker:
         self.starts += 1
         log = (self.workdir / f"worker-{self.starts}.log").open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-B", "--pool", "solo",
-             "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+            [sys.executable, "-m", "celery", "-A", "microapp.celery_app", "worker", "-B",
+             "--pool", "solo", "--without-gossip", "--without-mingle", "--loglevel", "INFO",
              "-s", str(self.workdir / f"beat-{self.starts}")],
             cwd=PROJECT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: beat runs in a child process
@@ -161,7 +162,7 @@ def system(
     worker.stop()
 
 
-def make_form(app: Flask, webhook_url: str | None, notify: bool = True) -> dal.Row:
+def make_form(app: Flask, webhook_url: str | None, notify: bool = True) -> records.Form:
     """A confirmed owner's form with notifications and (optionally) a webhook."""
     with app.app_context():
         with dal.transaction() as conn:

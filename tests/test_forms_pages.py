@@ -24,6 +24,7 @@ from markupsafe import escape
 
 import dal
 import microapp
+import records
 import services
 from conftest import FAST_HASH, AuthActions, csrf_token, post_form, settle_deliveries
 
@@ -59,13 +60,13 @@ def create_form(client: FlaskClient, **values: Any) -> str:
     return response.headers["Location"].rsplit("/", 1)[1]
 
 
-def form_row(app: Flask, public_id: str) -> dal.Row | None:
+def form_row(app: Flask, public_id: str) -> records.Form | None:
     """The stored form, whoever owns it."""
     with app.app_context(), dal.connection() as conn:
         return dal.form_by_public_id(conn, public_id)
 
 
-def submission_rows(app: Flask, public_id: str) -> list[dal.Row]:
+def submission_rows(app: Flask, public_id: str) -> list[records.Submission]:
     """Every submission of a form (spam too), newest first."""
     form = form_row(app, public_id)
     assert form is not None
@@ -73,7 +74,9 @@ def submission_rows(app: Flask, public_id: str) -> list[dal.Row]:
         return dal.submission_page(conn, form.id, limit=10_000, spam=None)
 
 
-def insert_submissions(app: Flask, public_id: str, items: list[dict[str, Any]]) -> list[dal.Row]:
+def insert_submissions(
+    app: Flask, public_id: str, items: list[dict[str, Any]]
+) -> list[records.Submission]:
     """Store submissions directly, oldest first (faster than posting hundreds)."""
     form = form_row(app, public_id)
     assert form is not None
@@ -82,7 +85,7 @@ def insert_submissions(app: Flask, public_id: str, items: list[dict[str, Any]]) 
             dal.insert_submission(
                 conn,
                 {
-                    "public_id": services.new_public_id(),
+                    "public_id": dal.new_public_id(),
                     "form_id": form.id,
                     "data": data,
                     "schema_version": form.schema_version,
@@ -152,7 +155,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     AuthActions(client, app).signup()
     yield Shared(app, client)
     with app.app_context():
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 def form_count(app: Flask) -> int:

@@ -1,4 +1,5 @@
-"""Tests for forms.py: field schemas, submission validation, owner forms and the hosted form."""
+"""Tests for validation.py and forms.py: field schemas, submission validation, owner forms and the
+hosted form."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from werkzeug.datastructures import MultiDict
 
 import forms
 import microapp
+import validation
 
 
 @pytest.fixture
@@ -35,7 +37,7 @@ MIN_OVER_MAX = "The minimum is larger than the maximum."
 
 def spec(name: str = "f", **attributes: Any) -> dict[str, Any]:
     """A normalised field spec named `name`."""
-    return forms.normalise_field_spec({"name": name, **attributes})
+    return validation.normalise_field_spec({"name": name, **attributes})
 
 
 # =============================================================================
@@ -44,7 +46,7 @@ def spec(name: str = "f", **attributes: Any) -> dict[str, Any]:
 
 
 def test_normalise_field_spec_fills_defaults():
-    assert forms.normalise_field_spec({"name": "email", "type": "email"}) == {
+    assert validation.normalise_field_spec({"name": "email", "type": "email"}) == {
         "name": "email",
         "label": "email",
         "type": "email",
@@ -58,7 +60,7 @@ def test_normalise_field_spec_fills_defaults():
 
 
 def test_normalise_field_spec_drops_attributes_the_type_does_not_use():
-    normalised = forms.normalise_field_spec(
+    normalised = validation.normalise_field_spec(
         {"name": "n", "type": "number", "max_length": 5, "choices": ["a"], "min": 1, "max": 2}
     )
     assert normalised["max_length"] is None
@@ -67,7 +69,7 @@ def test_normalise_field_spec_drops_attributes_the_type_does_not_use():
 
 
 def test_normalise_field_spec_cleans_choices():
-    normalised = forms.normalise_field_spec(
+    normalised = validation.normalise_field_spec(
         {"name": "c", "type": "select", "choices": [" a ", "", "a", "b", 3, "x" * 201]}
     )
     assert normalised["choices"] == ["a", "b"]
@@ -75,13 +77,13 @@ def test_normalise_field_spec_cleans_choices():
 
 @pytest.mark.parametrize("raw", [None, [], "text", {"name": 3, "type": ["x"], "min": "1"}])
 def test_normalise_field_spec_never_raises(raw):
-    normalised = forms.normalise_field_spec(raw)
-    assert set(normalised) == set(forms.SPEC_KEYS)
+    normalised = validation.normalise_field_spec(raw)
+    assert set(normalised) == set(validation.SPEC_KEYS)
     assert normalised["type"] == "text"
 
 
 def test_validate_field_specs_accepts_a_good_schema():
-    specs, errors = forms.validate_field_specs(
+    specs, errors = validation.validate_field_specs(
         [
             {"name": "email", "type": "email", "required": True},
             {"name": "topic", "type": "select", "choices": ["Sales", "Support"]},
@@ -103,12 +105,12 @@ def test_validate_field_specs_accepts_a_good_schema():
         (
             [{"name": "a", "type": "file"}],
             "fields.0.type",
-            f"Use one of: {', '.join(forms.FIELD_TYPES)}.",
+            f"Use one of: {', '.join(validation.FIELD_TYPES)}.",
         ),
         (
             [{"name": "a", "type": ["select"], "choices": 3}],
             "fields.0.type",
-            f"Use one of: {', '.join(forms.FIELD_TYPES)}.",
+            f"Use one of: {', '.join(validation.FIELD_TYPES)}.",
         ),
         ([{"name": "a", "label": 3}], "fields.0.label", "Use text."),
         ([{"name": "a", "label": "x" * 201}], "fields.0.label", "Use at most 200 characters."),
@@ -135,7 +137,7 @@ def test_validate_field_specs_accepts_a_good_schema():
     ],
 )
 def test_validate_field_specs_explains_each_problem(raw, key, message):
-    specs, errors = forms.validate_field_specs(raw)
+    specs, errors = validation.validate_field_specs(raw)
     assert specs == []
     assert message in errors[key]
 
@@ -183,7 +185,7 @@ def test_validate_field_specs_explains_each_problem(raw, key, message):
     ],
 )  # fmt: skip
 def test_parse_web_url_accepts_only_what_a_browser_reads_the_same_way(text, expected):
-    url = forms.parse_web_url(text)
+    url = validation.parse_web_url(text)
     if expected is None:
         assert url is None
     else:
@@ -192,11 +194,14 @@ def test_parse_web_url_accepts_only_what_a_browser_reads_the_same_way(text, expe
 
 
 def test_parse_web_url_resolves_against_a_base():
-    url = forms.parse_web_url("../m?x=1", base="https://ok.example:8443/a/b/c")
+    url = validation.parse_web_url("../m?x=1", base="https://ok.example:8443/a/b/c")
     assert url is not None
     assert url.url == "https://ok.example:8443/a/m?x=1"
-    assert forms.parse_web_url("http://[", base="https://ok.example/") is None
-    assert forms.parse_web_url("//evil.example/", base="https://ok.example/").host == "evil.example"
+    assert validation.parse_web_url("http://[", base="https://ok.example/") is None
+    assert (
+        validation.parse_web_url("//evil.example/", base="https://ok.example/").host
+        == "evil.example"
+    )
 
 
 _url_parts = st.sampled_from(
@@ -212,17 +217,17 @@ _url_texts = st.one_of(
 @settings(max_examples=500, deadline=None)
 @given(text=_url_texts, base=st.one_of(st.none(), _url_texts))
 def test_parse_web_url_never_raises_and_its_url_reads_back_the_same(text, base):
-    url = forms.parse_web_url(text, base=base)
+    url = validation.parse_web_url(text, base=base)
     if url is None:
         return
     assert url.url.isascii()
     assert not re.search(r"[\s\x00-\x1f\x7f\\\\]", url.url)
-    assert forms.parse_web_url(url.url) == url
-    assert url.port == (urlsplit(url.url).port or forms.DEFAULT_PORTS[url.scheme])
+    assert validation.parse_web_url(url.url) == url
+    assert url.port == (urlsplit(url.url).port or validation.DEFAULT_PORTS[url.scheme])
 
 
 def test_decode_fields_drops_what_cannot_be_stored_and_composes_names():
-    decoded = forms.decode_fields(
+    decoded = validation.decode_fields(
         {"cafe\u0301": "cre\u0300me\x00", "k\ud800": ["a\udfff"], "n": {"x\x00": 1}, "i": 3}
     )
     assert decoded == {"caf\u00e9": "cr\u00e8me", "k\ufffd": ["a\ufffd"], "n": {"x": 1}, "i": 3}
@@ -237,7 +242,7 @@ def test_decode_fields_drops_what_cannot_be_stored_and_composes_names():
     ],
 )
 def test_decode_fields_merges_names_that_compose_alike_as_repeated_names(values, merged):
-    assert forms.decode_fields(values) == {"caf\u00e9": merged}
+    assert validation.decode_fields(values) == {"caf\u00e9": merged}
 
 
 _any_text = st.text(st.characters(exclude_categories=()), max_size=20)  # surrogates included
@@ -253,7 +258,7 @@ _json_like = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(values=st.dictionaries(_any_text, _json_like))
 def test_decode_fields_output_is_storable_and_composed(values):
-    decoded = forms.decode_fields(values)
+    decoded = validation.decode_fields(values)
     text = json.dumps(decoded)
     json.dumps(decoded, ensure_ascii=False).encode("utf-8")  # no lone surrogates anywhere
     assert "\\u0000" not in text
@@ -269,19 +274,19 @@ def test_decode_fields_output_is_storable_and_composed(values):
         (b'\xef\xbb\xbf{"a": 1}', {"a": 1}, None),
         (b'{"a": "\\ud800"}', {"a": "\ud800"}, None),
         (b'{"a": "' + b"[" * 100 + b'"}', {"a": "[" * 100}, None),
-        (b'{"a": "\\"[", "b": ' + b"[" * 40 + b"]" * 40 + b"}", {}, forms.MSG_JSON_DEPTH),
-        (b'{"a": "\\"' + b"[" * 100 + b"}", {}, forms.MSG_JSON),  # all inside one string
-        (b'{"a": ' + b"[" * 32 + b"]" * 32 + b"}", {}, forms.MSG_JSON_DEPTH),
+        (b'{"a": "\\"[", "b": ' + b"[" * 40 + b"]" * 40 + b"}", {}, validation.MSG_JSON_DEPTH),
+        (b'{"a": "\\"' + b"[" * 100 + b"}", {}, validation.MSG_JSON),  # all inside one string
+        (b'{"a": ' + b"[" * 32 + b"]" * 32 + b"}", {}, validation.MSG_JSON_DEPTH),
         (b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}", {"a": json.loads("[" * 31 + "]" * 31)}, None),
-        (b"[" * 100_000, {}, forms.MSG_JSON_DEPTH),
-        (b'{"a": 1' + b"0" * 5000 + b"}", {}, forms.MSG_JSON),
-        (b'{"a": "\xff"}', {}, forms.MSG_JSON),
-        (b"[1]", {}, forms.MSG_JSON),
-        (b"", {}, forms.MSG_JSON),
+        (b"[" * 100_000, {}, validation.MSG_JSON_DEPTH),
+        (b'{"a": 1' + b"0" * 5000 + b"}", {}, validation.MSG_JSON),
+        (b'{"a": "\xff"}', {}, validation.MSG_JSON),
+        (b"[1]", {}, validation.MSG_JSON),
+        (b"", {}, validation.MSG_JSON),
     ],
 )
 def test_load_json_fields_bounds_depth_before_parsing(body, values, problem):
-    assert forms.load_json_fields(body) == (values, problem)
+    assert validation.load_json_fields(body) == (values, problem)
 
 
 @settings(max_examples=300, deadline=None)
@@ -293,7 +298,7 @@ def test_load_json_fields_bounds_depth_before_parsing(body, values, problem):
     )
 )  # fmt: skip
 def test_load_json_fields_never_raises(body):
-    values, problem = forms.load_json_fields(body)
+    values, problem = validation.load_json_fields(body)
     assert isinstance(values, dict)
     assert problem is None or (values == {} and problem)
 
@@ -310,7 +315,7 @@ def test_load_json_fields_never_raises(body):
     ],
 )
 def test_one_line_flattens_white_space_and_controls(value, expected):
-    assert forms.one_line(value) == expected
+    assert validation.one_line(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -324,7 +329,7 @@ def test_one_line_flattens_white_space_and_controls(value, expected):
     ],
 )
 def test_request_header_text_reads_header_bytes_as_utf8(raw, text):
-    assert forms.request_header_text(raw) == text
+    assert validation.request_header_text(raw) == text
 
 
 # =============================================================================
@@ -388,30 +393,32 @@ def test_request_header_text_reads_header_bytes_as_utf8(raw, text):
     ],
 )
 def test_submitted_values_that_break_the_schema_are_refused(field, value, message):
-    clean, errors = forms.validate_submission([field], {"f": value}, strict=True)
+    clean, errors = validation.validate_submission([field], {"f": value}, strict=True)
     assert clean == {}
     assert errors == {"f": [message]}
 
 
 def test_a_missing_required_field_is_refused():
-    clean, errors = forms.validate_submission([spec("email", required=True)], {}, strict=False)
+    clean, errors = validation.validate_submission([spec("email", required=True)], {}, strict=False)
     assert (clean, errors) == ({}, {"email": ["This field is required."]})
 
 
 def test_value_length_limit_is_configurable():
-    _, errors = forms.validate_submission([], {"a": "x" * 11}, strict=False, max_value_length=10)
+    _, errors = validation.validate_submission(
+        [], {"a": "x" * 11}, strict=False, max_value_length=10
+    )
     assert errors == {"a": ["Use at most 10 characters."]}
 
 
 def test_too_many_fields_are_refused():
     data = {f"k{i}": "v" for i in range(4)}
-    clean, errors = forms.validate_submission([], data, strict=False, max_fields=3)
+    clean, errors = validation.validate_submission([], data, strict=False, max_fields=3)
     assert (clean, errors) == ({}, {"_form": ["Too many fields: at most 3."]})
 
 
 def test_control_fields_do_not_count_towards_the_field_limit():
     data = {"a": "1", "_next": "x", "_subject": "y", "_gotcha": ""}
-    clean, errors = forms.validate_submission([], data, strict=False, max_fields=1)
+    clean, errors = validation.validate_submission([], data, strict=False, max_fields=1)
     assert (clean, errors) == ({"a": "1"}, {})
 
 
@@ -424,13 +431,13 @@ def test_control_fields_do_not_count_towards_the_field_limit():
     ],
 )
 def test_unusable_field_names_are_refused(key, message):
-    clean, errors = forms.validate_submission([], {key: "v", "ok": "v"}, strict=False)
+    clean, errors = validation.validate_submission([], {key: "v", "ok": "v"}, strict=False)
     assert (clean, errors) == ({}, {"_form": [message]})
 
 
 @pytest.mark.parametrize("data", [["a", "b"], "a=b", None, 3])
 def test_data_that_is_not_a_mapping_is_refused(data):
-    clean, errors = forms.validate_submission([], data, strict=False)
+    clean, errors = validation.validate_submission([], data, strict=False)
     assert (clean, errors) == ({}, {"_form": ["Send the fields as names with values."]})
 
 
@@ -480,7 +487,7 @@ def test_data_that_is_not_a_mapping_is_refused(data):
     ],
 )
 def test_valid_values_are_normalised(field, value, expected):
-    clean, errors = forms.validate_submission([field], {"f": value}, strict=True)
+    clean, errors = validation.validate_submission([field], {"f": value}, strict=True)
     assert errors == {}
     assert clean == {"f": expected}
     assert type(clean["f"]) is type(expected)
@@ -490,23 +497,23 @@ def test_valid_values_are_normalised(field, value, expected):
 def test_optional_fields_left_empty_are_omitted(value):
     schema = [spec("a"), spec("n", type="number"), spec("box", type="checkbox")]
     data = {"a": value, "n": value, "box": value}
-    assert forms.validate_submission(schema, data, strict=True) == ({"box": False}, {})
+    assert validation.validate_submission(schema, data, strict=True) == ({"box": False}, {})
 
 
 def test_an_unticked_optional_checkbox_is_stored_as_false():
-    clean, errors = forms.validate_submission([spec("box", type="checkbox")], {}, strict=True)
+    clean, errors = validation.validate_submission([spec("box", type="checkbox")], {}, strict=True)
     assert (clean, errors) == ({"box": False}, {})
 
 
 def test_empty_schema_accepts_any_fields_and_normalises_them():
     data = {"a": " x ", "n": 3, "f": 1.5, "b": True, "z": None, "l": [" v "], "e": []}
-    clean, errors = forms.validate_submission([], data, strict=True)
+    clean, errors = validation.validate_submission([], data, strict=True)
     assert errors == {}
     assert clean == {"a": "x", "n": 3, "f": 1.5, "b": True, "z": "", "l": "v"}
 
 
 def test_empty_schema_still_refuses_objects_and_repeated_values():
-    _, errors = forms.validate_submission([], {"o": {"k": 1}, "m": ["1", "2"]}, strict=False)
+    _, errors = validation.validate_submission([], {"o": {"k": 1}, "m": ["1", "2"]}, strict=False)
     assert errors == {
         "o": ["Send a plain value, not an object or list."],
         "m": ["Send one value for this field."],
@@ -516,11 +523,11 @@ def test_empty_schema_still_refuses_objects_and_repeated_values():
 def test_control_fields_are_ignored():
     schema = [spec("a")]
     data = {"a": "1", "_next": "https://evil.example", "_gotcha": "", "_replyto": "x"}
-    assert forms.validate_submission(schema, data, strict=True) == ({"a": "1"}, {})
+    assert validation.validate_submission(schema, data, strict=True) == ({"a": "1"}, {})
 
 
 def test_strict_mode_refuses_unknown_fields():
-    clean, errors = forms.validate_submission(
+    clean, errors = validation.validate_submission(
         [spec("a")], {"a": "1", "b": "2", "c": {"x": 1}}, strict=True
     )
     assert clean == {}
@@ -531,45 +538,49 @@ def test_strict_mode_refuses_unknown_fields():
 
 
 def test_lenient_mode_keeps_unknown_fields():
-    clean, errors = forms.validate_submission([spec("a")], {"a": "1", "b": " 2 "}, strict=False)
+    clean, errors = validation.validate_submission(
+        [spec("a")], {"a": "1", "b": " 2 "}, strict=False
+    )
     assert (clean, errors) == ({"a": "1", "b": "2"}, {})
 
 
 def test_clean_data_keeps_schema_order_then_unknown_fields_in_input_order():
     schema = [spec("first"), spec("second"), spec("third", type="checkbox")]
     data = {"zeta": "z", "second": "2", "alpha": "a", "first": "1"}
-    clean, _ = forms.validate_submission(schema, data, strict=False)
+    clean, _ = validation.validate_submission(schema, data, strict=False)
     assert list(clean) == ["first", "second", "third", "zeta", "alpha"]
 
 
 def test_any_error_means_no_clean_data():
     schema = [spec("a"), spec("n", type="number")]
-    clean, errors = forms.validate_submission(schema, {"a": "fine", "n": "x"}, strict=False)
+    clean, errors = validation.validate_submission(schema, {"a": "fine", "n": "x"}, strict=False)
     assert clean == {}
     assert errors == {"n": ["Enter a number."]}
 
 
 def test_every_error_is_reported_at_once():
     schema = [spec("a", required=True), spec("e", type="email"), spec("d", type="date")]
-    _, errors = forms.validate_submission(schema, {"e": "x", "d": "y"}, strict=True)
+    _, errors = validation.validate_submission(schema, {"e": "x", "d": "y"}, strict=True)
     assert set(errors) == {"a", "e", "d"}
 
 
 def test_unusable_schema_entries_are_skipped():
     schema = [None, "x", {"name": "_secret"}, {"name": "ok", "type": "bogus", "min": "low"}]
-    clean, errors = forms.validate_submission(schema, {"ok": " v "}, strict=True)
+    clean, errors = validation.validate_submission(schema, {"ok": " v "}, strict=True)
     assert (clean, errors) == ({"ok": "v"}, {})
 
 
 def test_default_fields_validate_the_default_hosted_form():
-    clean, errors = forms.validate_submission(
-        forms.DEFAULT_FIELDS,
+    clean, errors = validation.validate_submission(
+        validation.DEFAULT_FIELDS,
         {"name": "Ann", "email": "ann@example.com", "message": "Hello"},
         strict=True,
     )
     assert errors == {}
     assert clean == {"name": "Ann", "email": "ann@example.com", "message": "Hello"}
-    _, errors = forms.validate_submission(forms.DEFAULT_FIELDS, {"name": "Ann"}, strict=True)
+    _, errors = validation.validate_submission(
+        validation.DEFAULT_FIELDS, {"name": "Ann"}, strict=True
+    )
     assert errors == {
         "email": ["This field is required."],
         "message": ["This field is required."],
@@ -609,23 +620,23 @@ _interesting = st.sampled_from(
 @st.composite
 def valid_field_specs(draw: st.DrawFn) -> dict[str, Any]:
     """One valid, normalised field spec."""
-    kind = draw(st.sampled_from(forms.FIELD_TYPES))
+    kind = draw(st.sampled_from(validation.FIELD_TYPES))
     raw: dict[str, Any] = {
         "name": draw(_names),
         "type": kind,
         "required": draw(st.booleans()),
         "label": draw(st.text(max_size=10)),
     }
-    if kind in forms.TEXT_TYPES:
+    if kind in validation.TEXT_TYPES:
         raw["max_length"] = draw(st.none() | st.integers(1, 40))
     if kind == "number":
         low, high = draw(_bound), draw(_bound)
         if low is not None and high is not None and low > high:
             low, high = high, low
         raw["min"], raw["max"] = low, high
-    if kind in forms.CHOICE_TYPES:
+    if kind in validation.CHOICE_TYPES:
         raw["choices"] = draw(st.lists(_choice, min_size=1, max_size=4, unique=True))
-    return forms.normalise_field_spec(raw)
+    return validation.normalise_field_spec(raw)
 
 
 _schemas = st.lists(valid_field_specs(), max_size=6, unique_by=lambda s: s["name"])
@@ -681,7 +692,7 @@ def assert_fits_schema(schema: list[dict[str, Any]], clean: dict[str, Any]) -> N
             assert value == value.strip()
             if field["max_length"] is not None:
                 assert len(value) <= field["max_length"]
-            if kind in forms.CHOICE_TYPES:
+            if kind in validation.CHOICE_TYPES:
                 assert value in field["choices"]
             if kind == "email":
                 assert value.count("@") == 1
@@ -696,7 +707,7 @@ def assert_fits_schema(schema: list[dict[str, Any]], clean: dict[str, Any]) -> N
 @given(case=submissions(), strict=st.booleans())
 def test_validate_submission_never_raises_and_clean_data_fits_the_schema(case, strict):
     schema, data = case
-    clean, errors = forms.validate_submission(schema, data, strict=strict)
+    clean, errors = validation.validate_submission(schema, data, strict=strict)
     assert isinstance(clean, dict)
     assert isinstance(errors, dict)
     if errors:
@@ -728,10 +739,10 @@ _unknown_keys = st.text(
 def test_lenient_mode_keeps_unknown_keys_and_strict_mode_refuses_them(schema, key, value):
     optional_schema = [{**field, "required": False} for field in schema]
     assume(key not in {field["name"] for field in schema})
-    clean, errors = forms.validate_submission(optional_schema, {key: value}, strict=False)
+    clean, errors = validation.validate_submission(optional_schema, {key: value}, strict=False)
     assert errors == {}
     assert clean[key] == value.strip()
-    clean, errors = forms.validate_submission(optional_schema, {key: value}, strict=True)
+    clean, errors = validation.validate_submission(optional_schema, {key: value}, strict=True)
     assert (clean, errors) == ({}, {key: ["This form has no field with this name."]})
 
 
@@ -898,7 +909,7 @@ def test_form_settings_round_trip_through_stored_values(app):
     ],
 )
 def test_parse_allowed_domains_reads_one_host_a_line(text, hosts):
-    assert forms.parse_allowed_domains(text) == hosts
+    assert validation.parse_allowed_domains(text) == hosts
 
 
 @pytest.mark.parametrize(
@@ -915,7 +926,7 @@ def test_parse_allowed_domains_reads_one_host_a_line(text, hosts):
 )
 def test_parse_allowed_domains_refuses_lines_that_are_not_hosts(line):
     with pytest.raises(ValueError, match="is not a host name"):
-        forms.parse_allowed_domains(f"example.com\n{line}")
+        validation.parse_allowed_domains(f"example.com\n{line}")
 
 
 # =============================================================================
@@ -1050,11 +1061,11 @@ def test_field_builder_moves_keep_what_was_typed(app):
 
 
 def test_field_builder_stops_adding_at_the_field_limit(app):
-    data = builder_data(*({"name": f"f{i}"} for i in range(forms.MAX_SCHEMA_FIELDS)))
+    data = builder_data(*({"name": f"f{i}"} for i in range(validation.MAX_SCHEMA_FIELDS)))
     with app.test_request_context(method="POST", data=data):
         form = forms.FieldsForm()
         assert forms.apply_builder_action(form, "add")
-        assert len(form.fields) == forms.MAX_SCHEMA_FIELDS
+        assert len(form.fields) == validation.MAX_SCHEMA_FIELDS
         assert form.form_errors == ["A form can have at most 100 fields."]
 
 
@@ -1084,7 +1095,7 @@ def test_empty_schema_hosts_the_default_form(app):
             ("email", "EmailField"),
             ("message", "TextAreaField"),
         ]
-        assert [s["name"] for s in forms.DEFAULT_FIELDS] == ["name", "email", "message"]
+        assert [s["name"] for s in validation.DEFAULT_FIELDS] == ["name", "email", "message"]
         assert "required" not in form["field_0"]()
         assert "required" in form["field_1"]()
         assert "required" in form["field_2"]()
@@ -1165,7 +1176,7 @@ def test_attach_errors_puts_messages_on_fields_and_the_form(app):
     data = {"age": "old", "nickname": "x"}
     with app.test_request_context(method="POST", data=data):
         form = forms.hosted_form_class(schema)()
-        _, errors = forms.validate_submission(schema, data, strict=True)
+        _, errors = validation.validate_submission(schema, data, strict=True)
         errors["_form"] = ["Too many fields: at most 100."]
         forms.attach_errors(form, errors)
         email, age = list(form)

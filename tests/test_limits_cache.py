@@ -28,9 +28,13 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+import cache
 import dal
+import intake
 import microapp
+import records
 import services
+import users
 from conftest import PASSWORD, AuthActions, csrf_token, free_port, post_form
 
 
@@ -49,14 +53,14 @@ def app(overrides: dict[str, Any], redis_backend: str) -> Iterator[Flask]:
     app = microapp.create_app(**overrides)
     yield app
     with app.app_context():
-        stores = dal.stores()
+        stores = cache.stores()
         keys = list(stores.redis.scan_iter(f"{stores.key_prefix}*"))
         if keys:
             stores.redis.delete(*keys)
-        stores.engine.dispose()
+        dal.database().engine.dispose()
 
 
-def owner_form(app: Flask, **values: Any) -> dal.Row:
+def owner_form(app: Flask, **values: Any) -> records.Form:
     """An owner's form (notifications off: nothing to enqueue in these tests)."""
     with app.app_context():
         with dal.transaction() as conn:
@@ -77,9 +81,9 @@ def test_public_lookup_fills_the_cache_with_a_ttl(app: Flask, client: FlaskClien
     form = owner_form(app)
     assert client.get(f"/f/{form.public_id}").status_code == 200
     with app.app_context():
-        r = dal.stores().redis
+        r = cache.stores().redis
         key = cache_key(app, form.public_id)
-        assert 0 < r.ttl(key) <= dal.FORM_CACHE_TTL
+        assert 0 < r.ttl(key) <= cache.FORM_CACHE_TTL
         assert '"name":"Cached"' in r.get(key)
         assert "webhook_secret" not in r.get(key)
 
@@ -101,7 +105,7 @@ def test_editing_a_form_drops_its_cached_entry_before_the_request_returns(
         {"name": "After", "status": "paused", "honeypot_field": "_gotcha"},
     )
     with app.app_context():
-        assert dal.stores().redis.get(cache_key(app, public_id)) is None
+        assert cache.stores().redis.get(cache_key(app, public_id)) is None
     page = visitor.get(f"/f/{public_id}").get_data(as_text=True)
     assert "After" in page
     assert visitor.post(f"/f/{public_id}", json={"x": 1}).status_code == 403
@@ -121,7 +125,9 @@ def test_unknown_ids_are_cached_briefly(app: Flask) -> None:
     visitor = app.test_client()
     assert visitor.get("/f/no-such-form").status_code == 404
     with app.app_context():
-        assert 0 < dal.stores().redis.ttl(cache_key(app, "no-such-form")) <= dal.NEGATIVE_CACHE_TTL
+        assert (
+            0 < cache.stores().redis.ttl(cache_key(app, "no-such-form")) <= cache.NEGATIVE_CACHE_TTL
+        )
 
 
 class CacheCoherence(RuleBasedStateMachine):
@@ -173,11 +179,11 @@ class CacheCoherence(RuleBasedStateMachine):
         with self.app.app_context(), dal.connection() as conn:
             rows = list(conn.execute(sa.select(dal.forms)))
             for row in rows:
-                seen = services.public_form(row.public_id)
+                seen = intake.public_form(row.public_id)
                 assert (seen.name, seen.status) == (row.name, row.status)
             for public_id in self.deleted:
-                with pytest.raises(services.FormUnavailable):
-                    services.public_form(public_id)
+                with pytest.raises(intake.FormUnavailable):
+                    intake.public_form(public_id)
 
 
 def test_cache_stays_coherent_with_sql(app: Flask) -> None:
@@ -235,9 +241,9 @@ def test_submission_path_makes_one_redis_round_trip_before_the_write_when_warm(
     if warm:
         visitor.get(f"/f/{form.public_id}")
     with app.app_context():
-        counting = CountingRedis(dal.stores().redis)
-        dal.stores().redis = counting  # type: ignore[assignment]
-        engine = dal.stores().engine
+        counting = CountingRedis(cache.stores().redis)
+        cache.stores().redis = counting  # type: ignore[assignment]
+        engine = dal.database().engine
     at_write: list[int] = []
 
     def before_insert(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -250,7 +256,7 @@ def test_submission_path_makes_one_redis_round_trip_before_the_write_when_warm(
     finally:
         sa.event.remove(engine, "before_cursor_execute", before_insert)
         with app.app_context():
-            dal.stores().redis = counting.inner
+            cache.stores().redis = counting.inner
     assert response.status_code == 201
     assert len(at_write) == 1
     assert at_write[0] == (1 if warm else 2)  # a cold cache adds the fill
@@ -272,8 +278,8 @@ def test_every_key_the_app_writes_has_a_ttl(app: Flask, client: FlaskClient) -> 
     auth.login()
     client.get(f"/forms/{form.public_id}")  # not the owner: 404, but no stray keys either
     with app.app_context():
-        r = dal.stores().redis
-        keys = list(r.scan_iter(f"{dal.stores().key_prefix}*"))
+        r = cache.stores().redis
+        keys = list(r.scan_iter(f"{cache.stores().key_prefix}*"))
         assert keys, "the scenario should have written keys"
         without_ttl = [key for key in keys if r.ttl(key) < 0]
     assert without_ttl == []
@@ -396,14 +402,14 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """A stopped clock for the limits, at an arbitrary moment."""
     stopped = Clock(1_700_000_000.25)
-    monkeypatch.setattr(dal, "clock", stopped)
+    monkeypatch.setattr(cache, "clock", stopped)
     return stopped
 
 
 def make_owner(app: Flask) -> None:
     """The account the tests log in to (straight into the database: no sign-up flow)."""
     with app.app_context(), dal.transaction() as conn:
-        dal.insert_user(conn, OWNER, services.hash_password(PASSWORD))
+        dal.insert_user(conn, OWNER, users.hash_password(PASSWORD))
 
 
 @pytest.fixture
@@ -411,7 +417,7 @@ def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every password the login service checks (a counting wrapper round the real check)."""
     checked: list[str] = []
     lock = threading.Lock()
-    real = services.check_password_hash
+    real = users.check_password_hash
 
     def counting(password_hash: str, password: str) -> bool:
         with lock:
@@ -420,7 +426,7 @@ def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         time.sleep(0.02)
         return real(password_hash, password)
 
-    monkeypatch.setattr(services, "check_password_hash", counting)
+    monkeypatch.setattr(users, "check_password_hash", counting)
     return checked
 
 
@@ -526,8 +532,8 @@ class LoginLimiter(RuleBasedStateMachine):
         self.app, self.clock = app, clock
         run = uuid.uuid4().hex[:8]
         self.limits = [
-            dal.Limit(f"acct:{run}", 3, 60),
-            dal.Limit(f"ip:{run}", 5, 100),
+            cache.Limit(f"acct:{run}", 3, 60),
+            cache.Limit(f"ip:{run}", 5, 100),
         ]
         self.admitted: list[tuple[float, str]] = []  # (time, ticket) still counted
         self.retry_after = 0
@@ -546,9 +552,9 @@ class LoginLimiter(RuleBasedStateMachine):
         """An attempt: let through exactly when the model has room, else told when it has."""
         expected_at = self.first_allowed()
         with self.app.app_context():
-            admission = dal.admit_attempt(self.limits)
+            admission = cache.admit_attempt(self.limits)
             if admission.exceeded is None and succeeds:
-                dal.withdraw_attempt(self.limits, admission.ticket)
+                cache.withdraw_attempt(self.limits, admission.ticket)
         if expected_at == self.clock.now:
             assert admission.exceeded is None
             if not succeeds:
@@ -615,17 +621,17 @@ def test_the_other_limits_say_when_a_retry_fits_too(
 ) -> None:
     # Submissions, sign-ups and API calls use a sliding-window estimate (two fixed windows);
     # its Retry-After is when a retry, itself counted, first fits if nothing else comes.
-    limit = dal.Limit("estimate", count, seconds)
+    limit = cache.Limit("estimate", count, seconds)
     start = 1000 * seconds  # early in the epoch: times exact to far below a microsecond
     now = start + into_window * seconds
-    refused = dal._decide([limit], [(current, previous)], now)
+    refused = cache._decide([limit], [(current, previous)], now)
     assume(refused.exceeded is not None)
 
     def retry_fits(at: float) -> bool:
         """Whether a retry at ``at`` is let through (the counts it would meet)."""
         later = int(at // seconds) - int(now // seconds)
         counts = [(current + 1, previous), (1, current)][later] if later < 2 else (1, 0)
-        return dal._decide([limit], [counts], at).exceeded is None
+        return cache._decide([limit], [counts], at).exceeded is None
 
     assert retry_fits(now + refused.retry_after)
     assert not retry_fits(now + refused.retry_after - 1)

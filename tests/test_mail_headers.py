@@ -25,7 +25,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import dal
+import delivery
 import microapp
+import records
 import services
 import tasks
 from conftest import SMTPSink, free_port
@@ -58,7 +60,7 @@ def quiet_app(overrides: dict[str, Any]) -> Flask:
     return app
 
 
-def make_form(app: Flask, name: str = "Contact") -> dal.Row:
+def make_form(app: Flask, name: str = "Contact") -> records.Form:
     """A confirmed owner with one lenient form that notifies."""
     with app.app_context():
         with dal.transaction() as conn:
@@ -78,7 +80,7 @@ def deliver_newest(app: Flask) -> str:
         return tasks.deliver(row_id)
 
 
-def notify(app: Flask, form: dal.Row, values: dict[str, Any]) -> str:
+def notify(app: Flask, form: records.Form, values: dict[str, Any]) -> str:
     """Post a submission, then deliver its notification; the task's outcome."""
     response = app.test_client().post(f"/f/{form.public_id}", data=values)
     assert response.status_code == 303, response.get_data(as_text=True)
@@ -167,7 +169,7 @@ def test_an_injected_reply_to_over_real_smtp_reaches_only_the_owner(
     assert notify(app, form, values) == "done"
     [(mail_from, recipients, message)] = smtp_sink.messages
     with app.app_context():
-        owner = dal.owner_of_form(dal.stores().engine.connect(), form.id)
+        owner = dal.owner_of_form(dal.database().engine.connect(), form.id)
     assert mail_from == "noreply@mailslot.test"
     assert recipients == [owner.email]
     assert sorted(name.lower() for name in message) == NOTIFICATION_HEADERS
@@ -212,7 +214,7 @@ def test_a_form_name_with_line_breaks_is_one_line_in_the_default_subject(
         ("bidi \u202etxt.exe", "bidi txt.exe"),
         ("lone \ud800 surrogate", "lone surrogate"),
         ("e\u0301", "é"),  # NFC
-        ("x" * 500, "x" * tasks.SUBJECT_MAX_LENGTH),
+        ("x" * 500, "x" * delivery.SUBJECT_MAX_LENGTH),
         ("\r\n\t ", None),
         ("=?utf-8?q?=0D=0A?=", None),
         (None, None),
@@ -220,7 +222,7 @@ def test_a_form_name_with_line_breaks_is_one_line_in_the_default_subject(
     ],
 )
 def test_header_text_decodes_then_flattens_to_one_line(value: Any, expected: str | None) -> None:
-    assert tasks.header_text(value) == expected
+    assert delivery.header_text(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -254,7 +256,7 @@ def test_header_text_decodes_then_flattens_to_one_line(value: Any, expected: str
     ],
 )
 def test_header_address_accepts_exactly_one_plain_address(value: Any, expected: str | None) -> None:
-    assert tasks.header_address(value) == expected
+    assert delivery.header_address(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -267,7 +269,7 @@ def test_header_address_accepts_exactly_one_plain_address(value: Any, expected: 
     ],
 )
 def test_sender_keeps_a_display_name_flattened(mail_from: str, name: str, address: str) -> None:
-    sender = tasks.sender_address(mail_from)
+    sender = delivery.sender_address(mail_from)
     assert sender is not None
     assert (sender.display_name, sender.addr_spec) == (name, address)
 
@@ -283,7 +285,7 @@ def test_sender_keeps_a_display_name_flattened(mail_from: str, name: str, addres
     ],
 )
 def test_an_unusable_mail_from_is_refused(mail_from: str) -> None:
-    assert tasks.sender_address(mail_from) is None
+    assert delivery.sender_address(mail_from) is None
 
 
 def test_the_serialised_check_refuses_a_message_with_an_extra_header(app: Flask) -> None:
@@ -293,8 +295,8 @@ def test_the_serialised_check_refuses_a_message_with_an_extra_header(app: Flask)
     message["To"] = "b@example.org"
     message["Subject"] = INJECTED_SUBJECT
     message.set_content("x")
-    with pytest.raises(tasks.UnsafeMessage, match="bcc"):
-        tasks.check_serialised(message)
+    with pytest.raises(delivery.UnsafeMessage, match="bcc"):
+        delivery.check_serialised(message)
 
 
 # --- properties ---------------------------------------------------------------------------------
@@ -389,7 +391,7 @@ def check_notification(raw: bytes, subject: str, expected_reply_to: str | None) 
 _SHARED: dict[str, Any] = {}
 
 
-def shared(overrides: dict[str, Any]) -> tuple[Flask, dal.Row]:
+def shared(overrides: dict[str, Any]) -> tuple[Flask, records.Form]:
     """One quiet app and form for all examples of a run."""
     key = overrides["instance_path"]
     if _SHARED.get("key") != key:
@@ -424,24 +426,24 @@ def test_no_submitted_value_adds_a_header_to_the_notification(
                 dal.submissions.c.id.desc()
             )
         ).first()
-    expected_subject = tasks.header_text(meta.get("subject")) or "New submission: Contact"
-    expected_reply_to = tasks.reply_to_address(meta, data)
+    expected_subject = delivery.header_text(meta.get("subject")) or "New submission: Contact"
+    expected_reply_to = delivery.reply_to_address(meta, data)
     check_notification(sent_bytes(app), expected_subject, expected_reply_to)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=st.one_of(HOSTILE, st.text()))
 def test_header_values_are_fixed_points_with_no_breaks(value: str) -> None:
-    text = tasks.header_text(value)
+    text = delivery.header_text(value)
     if text is not None:
-        assert text == tasks.header_text(text)
+        assert text == delivery.header_text(text)
         assert text == str(email.policy.default.header_factory("subject", text))
         assert not any(unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") for ch in text)
         assert "\n" not in text
         assert text.strip() == text
-        assert 0 < len(text) <= tasks.SUBJECT_MAX_LENGTH
+        assert 0 < len(text) <= delivery.SUBJECT_MAX_LENGTH
         assert "=?" not in text
-    address = tasks.header_address(value)
+    address = delivery.header_address(value)
     if address is not None:
         assert address.isascii()
         assert address.isprintable()
@@ -471,12 +473,12 @@ def test_building_a_notification_never_raises_and_adds_no_header(
         created_at=dal.utcnow(),
     )
     with app.app_context():
-        tasks.send_notification(context)
-    fallback = tasks.header_text(f"New submission: {form_name}") or "New submission"
+        delivery.send_notification(context)
+    fallback = delivery.header_text(f"New submission: {form_name}") or "New submission"
     check_notification(
         sent_bytes(app),
-        tasks.header_text(subject) or fallback,
-        tasks.header_address(reply_to),
+        delivery.header_text(subject) or fallback,
+        delivery.header_address(reply_to),
     )
 
 

@@ -31,6 +31,7 @@ from werkzeug.security import generate_password_hash
 
 import dal
 import microapp
+import migrate
 from conftest import (
     FAST_HASH,
     PASSWORD,
@@ -43,7 +44,7 @@ from conftest import (
 
 PROJECT = Path(__file__).resolve().parent.parent
 RELEASE_1_SCHEMA = Path(__file__).resolve().parent / "release_1"
-HEAD = dal.SCHEMA_REVISION
+HEAD = migrate.SCHEMA_REVISION
 # The revisions after release 1's, in order: what an upgrade from release 1 runs.
 LATER = [f"{n:04d}" for n in range(2, int(HEAD) + 1)]
 NEXT = f"{int(HEAD) + 1:04d}"  # a test-only migration after the head (ship_next)
@@ -428,12 +429,12 @@ def test_downgrading_0002_drops_account_emails_and_keeps_every_notification(
     assert _account_rows(database_url)
 
     with dal.migration_connection(database_url) as conn:
-        command.downgrade(dal.alembic_config(conn), "0001")
+        command.downgrade(migrate.alembic_config(conn), "0001")
 
     after = dump(database_url)
     assert after["deliveries"] == release_1["deliveries"]
     assert after["alembic_version"] == [("0001",)]
-    assert dal.upgrade_db(database_url) == [f"Upgraded {' → '.join(['0001', *LATER])} (head)."]
+    assert migrate.upgrade_db(database_url) == [f"Upgraded {' → '.join(['0001', *LATER])} (head)."]
 
 
 @pytest.mark.parametrize("seed", ["release-1"])
@@ -490,7 +491,7 @@ def test_a_fresh_database_is_created_by_the_migrations(
 
 
 def test_migrated_database_matches_the_tables_in_dal(database_url: str) -> None:
-    dal.upgrade_db(database_url)
+    migrate.upgrade_db(database_url)
     engine = sa.create_engine(database_url)
     with engine.connect() as conn:
         differences = compare_metadata(MigrationContext.configure(conn), dal.metadata)
@@ -501,7 +502,7 @@ def test_migrated_database_matches_the_tables_in_dal(database_url: str) -> None:
 def test_the_comparison_notices_a_table_that_differs_from_the_migrations(
     database_url: str,
 ) -> None:
-    dal.upgrade_db(database_url)
+    migrate.upgrade_db(database_url)
     changed = sa.MetaData()
     for table in dal.metadata.sorted_tables:
         table.to_metadata(changed)
@@ -551,28 +552,28 @@ def test_first_migration_builds_what_release_1_built(kind: str, tmp_path: Path) 
         fresh_database(kind, tmp_path / "new") as migrated,
     ):
         with dal.migration_connection(migrated) as conn:
-            command.upgrade(dal.alembic_config(conn), "0001")
+            command.upgrade(migrate.alembic_config(conn), "0001")
         built = schema_of(migrated)
         assert built == schema_of(release_1)
         assert len(built) > 10  # the queries saw the tables
 
 
 def test_downgrading_the_first_migration_leaves_an_empty_database(database_url: str) -> None:
-    dal.upgrade_db(database_url)
+    migrate.upgrade_db(database_url)
     with dal.migration_connection(database_url) as conn:
-        command.downgrade(dal.alembic_config(conn), "base")
+        command.downgrade(migrate.alembic_config(conn), "base")
 
     assert dump(database_url) == {"alembic_version": []}
-    assert dal.upgrade_db(database_url) == [CREATED]  # and it can start again from there
+    assert migrate.upgrade_db(database_url) == [CREATED]  # and it can start again from there
 
 
 def test_migrations_are_numbered_in_one_line_so_their_names_tell_the_head() -> None:
-    scripts = list(reversed(list(dal._script_directory().walk_revisions())))
+    scripts = list(reversed(list(migrate._script_directory().walk_revisions())))
     assert [s.revision for s in scripts] == [f"{n:04d}" for n in range(1, len(scripts) + 1)]
     assert [s.down_revision for s in scripts] == [None, *(s.revision for s in scripts[:-1])]
     for script in scripts:
         assert Path(script.path).name.startswith(f"{script.revision}_")
-    assert dal._script_directory().get_heads() == [dal.SCHEMA_REVISION]
+    assert migrate._script_directory().get_heads() == [migrate.SCHEMA_REVISION]
 
 
 # =================================================================================================
@@ -583,7 +584,7 @@ def test_migrations_are_numbered_in_one_line_so_their_names_tell_the_head() -> N
 def test_database_newer_than_the_code_is_refused_and_left_alone(
     runner: FlaskCliRunner, client: FlaskClient, database_url: str
 ) -> None:
-    dal.upgrade_db(database_url)
+    migrate.upgrade_db(database_url)
     engine = sa.create_engine(database_url)
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0042'")
@@ -659,7 +660,7 @@ def test_readyz_says_an_empty_database_is_not_initialised(
 ) -> None:
     runner.invoke(args=["upgrade-db"])
     with dal.migration_connection(database_url) as conn:
-        command.downgrade(dal.alembic_config(conn), "base")
+        command.downgrade(migrate.alembic_config(conn), "base")
 
     ready = client.get("/readyz")
 
@@ -678,6 +679,7 @@ import sys, time
 from contextlib import contextmanager
 from pathlib import Path
 import dal
+import migrate
 import microapp  # imported before the barrier, so that both children reach the lock together
 
 barrier, log = Path(sys.argv[1]), Path(sys.argv[2])
@@ -687,7 +689,7 @@ locked = dal.migration_connection
 def migration_connection_held(url):
     with locked(url) as conn:
         with log.open("a") as out:
-            print(dal.schema_state(conn).kind, file=out)
+            print(migrate.schema_state(conn).kind, file=out)
         time.sleep(0.5)  # hold the lock: the other process asks for it meanwhile
         yield conn
 
@@ -784,15 +786,17 @@ def ship_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
 
     def ship(script: str = _NEXT_MIGRATION) -> None:
         scripts = tmp_path / "migrations"
-        shutil.copytree(dal.MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            migrate.MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__")
+        )
         text = script.replace('"{next}"', f'"{NEXT}"').replace('"{head}"', f'"{HEAD}"')
         (scripts / "versions" / f"{NEXT}_next.py").write_text(text)
-        monkeypatch.setattr(dal, "MIGRATIONS_DIR", scripts)
-        monkeypatch.setattr(dal, "SCHEMA_REVISION", NEXT)
-        dal._script_directory.cache_clear()
+        monkeypatch.setattr(migrate, "MIGRATIONS_DIR", scripts)
+        monkeypatch.setattr(migrate, "SCHEMA_REVISION", NEXT)
+        migrate._script_directory.cache_clear()
 
     yield ship
-    dal._script_directory.cache_clear()
+    migrate._script_directory.cache_clear()
 
 
 @pytest.mark.parametrize("seed", ["release-1"])

@@ -18,6 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import dal
+import intake
 import microapp
 import services
 from conftest import FAST_HASH, AuthActions, post_form
@@ -306,7 +307,7 @@ def contact_form(app: Flask, client: FlaskClient, auth: AuthActions) -> Any:
     auth.signup()
     public_id = create_form(client, "Contact")
     with app.app_context():
-        return services.public_form(public_id)
+        return intake.public_form(public_id)
 
 
 def test_inbox_chart_counts_submissions_per_day_for_30_days(
@@ -380,7 +381,7 @@ def _insert(form: Any, when: dt.datetime, spam: bool) -> None:
         dal.insert_submission(
             conn,
             {
-                "public_id": services.new_public_id(),
+                "public_id": dal.new_public_id(),
                 "form_id": form.id,
                 "data": {"message": "hi"},
                 "schema_version": form.schema_version,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -12,13 +13,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 from markupsafe import escape
 
+import cache
 import dal
+import intake
 import microapp
-import services
+import records
 from conftest import (
     FAST_HASH,
     AuthActions,
@@ -113,10 +117,10 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
     AuthActions(client, app).signup()
     yield FormMaker(client, app)
     with app.app_context():
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
-def stored(app: Flask, public_id: str) -> list[dal.Row]:
+def stored(app: Flask, public_id: str) -> list[records.Submission]:
     """The form's submissions, oldest first."""
     with app.app_context(), dal.connection() as conn:
         form = dal.form_by_public_id(conn, public_id)
@@ -124,7 +128,7 @@ def stored(app: Flask, public_id: str) -> list[dal.Row]:
         return dal.submission_page(conn, form.id, limit=1000, spam=None)[::-1]
 
 
-def deliveries(app: Flask) -> list[dal.Row]:
+def deliveries(app: Flask) -> list[sa.Row[Any]]:
     """Every submission's outbox row (the owner's account emails are left out)."""
     settle_deliveries(app)
     with app.app_context(), dal.connection() as conn:
@@ -137,7 +141,7 @@ def honeypot_count(app: Flask, public_id: str) -> int:
     with app.app_context(), dal.connection() as conn:
         form = dal.form_by_public_id(conn, public_id)
         assert form is not None
-        return dal.read_counter(f"form:{form.id}:honeypot")
+        return cache.read_counter(f"form:{form.id}:honeypot")
 
 
 def thanks_url(public_id: str) -> str:
@@ -349,7 +353,7 @@ def test_safe_redirect_allows_only_trusted_hosts(
 ) -> None:
     form = SimpleNamespace(allowed_domains=allowed)
     with shared.app.app_context():
-        assert services.safe_redirect(form, next_url, posted_from) == expected  # type: ignore[arg-type]
+        assert intake.safe_redirect(form, next_url, posted_from) == expected  # type: ignore[arg-type]
 
 
 def test_setting_changes_apply_to_the_very_next_post(shared: FormMaker) -> None:
@@ -891,7 +895,7 @@ def test_submission_stores_a_salted_ip_hash_and_never_the_ip(shared: FormMaker) 
     unsalted = hashlib.sha256(b"203.0.113.7").hexdigest()
     assert first.ip_hash not in unsalted
     for row in (first, second, third):
-        text = json.dumps({k: str(v) for k, v in row._mapping.items()})
+        text = json.dumps({k: str(v) for k, v in dataclasses.asdict(row).items()})
         assert "203.0.113.7" not in text
         assert "198.51.100.2" not in text
     assert (first.user_agent, first.referrer) == ("Agent/1.0", "https://site.example/p")

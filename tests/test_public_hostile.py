@@ -26,9 +26,10 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import cache
 import dal
+import intake
 import microapp
-import services
 from conftest import FAST_HASH, AuthActions, _wipe_postgres, post_form
 
 BASE_URL = "http://mailslot.test"
@@ -69,9 +70,9 @@ class Site:
                 .select_from(dal.submissions)
                 .where(dal.submissions.c.form_id == form_id)
             ).scalar_one()
-            return rows, dal.read_counter(f"form:{form_id}:honeypot")
+            return rows, cache.read_counter(f"form:{form_id}:honeypot")
 
-    def newest(self, public_id: str) -> dal.Row:
+    def newest(self, public_id: str) -> sa.Row[Any]:
         """The form's newest submission."""
         form_id = self.form_id(public_id)
         with self.app.app_context(), dal.connection() as conn:
@@ -126,7 +127,7 @@ def site(
     if request.param == "postgresql":
         _wipe_postgres(app)
     with app.app_context():
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 # =================================================================================================
@@ -673,9 +674,9 @@ def test_render_stamp_of_another_form_counts_as_forged_for_spam_timing(site: Sit
 
 def test_render_stamp_binds_its_form_in_the_service(site: Site) -> None:
     with site.app.test_request_context():
-        stamp = services.render_token(site.forms["open"])
-        assert services.render_stamp_valid(stamp, site.forms["open"])
-        assert not services.render_stamp_valid(stamp, site.forms["guarded"])
+        stamp = intake.render_token(site.forms["open"])
+        assert intake.render_stamp_valid(stamp, site.forms["open"])
+        assert not intake.render_stamp_valid(stamp, site.forms["guarded"])
 
 
 # =================================================================================================

@@ -15,7 +15,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import dal
+import records
 import services
+import tasks
 from conftest import AuthActions, post_form
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -33,13 +35,15 @@ def make_owner(app: Flask, email: str = "owner@example.com") -> int:
         return dal.insert_user(conn, email, "x").id
 
 
-def add(app: Flask, form: dal.Row, data: dict[str, Any], age_days: float = 0, **meta: Any) -> int:
+def add(
+    app: Flask, form: records.Form, data: dict[str, Any], age_days: float = 0, **meta: Any
+) -> int:
     """Store a submission ``age_days`` old with a pending delivery; its id."""
     with app.app_context(), dal.transaction() as conn:
         row = dal.insert_submission(
             conn,
             {
-                "public_id": services.new_public_id(),
+                "public_id": dal.new_public_id(),
                 "form_id": form.id,
                 "data": data,
                 "schema_version": 1,
@@ -61,7 +65,7 @@ def remaining(app: Flask) -> list[int]:
         return sorted(conn.execute(sa.select(dal.submissions.c.id)).scalars())
 
 
-def form_for(app: Flask, owner_id: int, retention_days: int | None) -> dal.Row:
+def form_for(app: Flask, owner_id: int, retention_days: int | None) -> records.Form:
     """A form with a retention period."""
     with app.app_context():
         return services.create_form(
@@ -80,7 +84,7 @@ def test_purge_deletes_only_what_is_past_each_forms_retention(app: Flask) -> Non
     fresh = add(app, short, {"n": 3}, age_days=0)
     ancient = add(app, forever, {"n": 4}, age_days=3000)
     with app.app_context():
-        assert services.purge_expired() == 1
+        assert tasks.purge_expired() == 1
     assert remaining(app) == sorted([edge, fresh, ancient])
     assert old not in remaining(app)
     with app.app_context(), dal.connection() as conn:
@@ -107,13 +111,13 @@ def test_purge_is_idempotent(app: Flask, runner: Any) -> None:
 def test_purge_works_through_large_backlogs_in_batches(
     app: Flask, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(services, "PURGE_BATCH", 4)
+    monkeypatch.setattr(tasks, "PURGE_BATCH", 4)
     owner = make_owner(app)
     form = form_for(app, owner, 1)
     for n in range(10):
         add(app, form, {"n": n}, age_days=5)
     with app.app_context():
-        assert services.purge_expired() == 10
+        assert tasks.purge_expired() == 10
 
 
 def test_purge_task_called_directly(app: Flask) -> None:

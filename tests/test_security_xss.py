@@ -70,7 +70,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     owner.confirm()
     yield Shared(app, client)
     with app.app_context():
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 def create_form(client: FlaskClient, name: str, **values: str) -> str:

@@ -12,6 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import dal
+import intake
 import services
 from conftest import AuthActions, post_form, read_outbox, settle_deliveries
 
@@ -36,7 +37,7 @@ def owner(app: Flask, client: FlaskClient, auth: AuthActions) -> dict[str, Any]:
     return {"public_id": response.headers["Location"].rsplit("/", 1)[1]}
 
 
-def latest(app: Flask) -> dal.Row:
+def latest(app: Flask) -> sa.Row[Any]:
     """The newest submission."""
     with app.app_context(), dal.connection() as conn:
         return conn.execute(
@@ -109,7 +110,7 @@ def test_hosted_page_sent_after_a_human_pause_is_not_spam(
     visitor = app.test_client()
     csrf, rendered = hosted_token(visitor, owner["public_id"])
     real = time.time
-    monkeypatch.setattr(services.time, "time", lambda: real() + 7.5)
+    monkeypatch.setattr(intake.time, "time", lambda: real() + 7.5)
     assert send_hosted(visitor, owner["public_id"], rendered, csrf) == 303
     row = latest(app)
     assert not row.is_spam
@@ -122,7 +123,7 @@ def test_a_render_stamp_older_than_a_day_is_suspicious_but_not_alone_spam(
     visitor = app.test_client()
     csrf, rendered = hosted_token(visitor, owner["public_id"])
     real = time.time
-    monkeypatch.setattr(services.time, "time", lambda: real() + 2 * 24 * 3600)
+    monkeypatch.setattr(intake.time, "time", lambda: real() + 2 * 24 * 3600)
     send_hosted(visitor, owner["public_id"], rendered, csrf)
     row = latest(app)
     assert not row.is_spam
@@ -205,7 +206,7 @@ def test_stats_block_counts_today_week_spam_and_honeypot(
     post(app, owner["public_id"], {"message": "casino"})
     app.test_client().post(f"/f/{owner['public_id']}", data={"_gotcha": "bot"})
     with app.app_context():
-        stats, _ = services.inbox_numbers(services.public_form(owner["public_id"]))
+        stats, _ = services.inbox_numbers(intake.public_form(owner["public_id"]))
         assert stats == {
             "today": 1,
             "week": 1,

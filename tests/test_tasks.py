@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from flask import Flask
 
-import dal
+import cache
+import delivery
 import microapp
 import tasks
 from conftest import PASSWORD, SMTPSink, message_text, read_outbox, settle_deliveries
@@ -72,7 +73,7 @@ def test_ping_round_trip_through_a_real_worker(
     }
     log_file = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "solo",
+        [sys.executable, "-m", "celery", "-A", "microapp.celery_app", "worker", "--pool", "solo",
          "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
         cwd=PROJECT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -91,7 +92,7 @@ def test_ping_round_trip_through_a_real_worker(
 
 def test_console_backend_writes_the_message_to_the_outbox(app: Flask) -> None:
     with app.app_context():
-        tasks.send_mail(to="o@example.com", subject="Hello", text="Body", html="<p>Body</p>")
+        delivery.send_mail(to="o@example.com", subject="Hello", text="Body", html="<p>Body</p>")
     [message] = read_outbox(app)
     assert message["Subject"] == "Hello"
     assert message_text(message).strip() == "Body"
@@ -124,7 +125,7 @@ def test_smtp_backend_delivers_to_a_real_smtp_server(
 
 def test_headers_cannot_be_injected_through_subject_or_reply_to(app: Flask) -> None:
     with app.app_context():
-        message = tasks.build_message(
+        message = delivery.build_message(
             to="o@example.com",
             subject="Hi\r\nBcc: victim@example.com",
             text="x",
@@ -145,13 +146,13 @@ def broker_app(overrides: dict[str, Any], redis_url: str) -> Iterator[Flask]:
     app = microapp.create_app(**overrides, redis_url=redis_url, celery_queue=queue)
     yield app
     with app.app_context():
-        dal.stores().redis.delete(queue)
+        cache.stores().redis.delete(queue)
 
 
 def queued(app: Flask) -> list[tuple[str, list[Any]]]:
     """(task name, positional arguments) of each message on the app's queue, oldest first."""
     with app.app_context():
-        raw = dal.stores().redis.lrange(app.extensions["mailslot.settings"].celery_queue, 0, -1)
+        raw = cache.stores().redis.lrange(app.extensions["mailslot.settings"].celery_queue, 0, -1)
     messages = [json.loads(item) for item in reversed(raw)]
     return [(m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages]
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-import services
+import delivery
 
 V4 = IPv4Network
 # Not globally reachable (IANA IPv4 special-purpose registry), plus multicast and broadcast.
@@ -91,8 +91,8 @@ ANY_EMBEDDING = {
 def refused(v6: IPv6Address, allow_private: bool) -> bool:
     """Whether the webhook check refuses http://[v6]/ (a literal: no DNS involved)."""
     try:
-        services.resolve_webhook_target(f"http://[{v6}]/hook", allow_private, dns_timeout=1.0)
-    except services.BlockedAddress:
+        delivery.resolve_webhook_target(f"http://[{v6}]/hook", allow_private, dns_timeout=1.0)
+    except delivery.BlockedAddress:
         return True
     return False
 
@@ -107,8 +107,8 @@ def test_every_ipv6_embedding_of_a_non_public_ipv4_is_refused(
 ) -> None:
     v6 = embed(kind, v4, other, free)
     if v6 not in (IPv6Address("::"), IPv6Address("::1")):  # RFC 4291: these are not compatible
-        assert v4 in services.embedded_ipv4_addresses(v6)
-    assert services.address_class(v6) != "public"
+        assert v4 in delivery.embedded_ipv4_addresses(v6)
+    assert delivery.address_class(v6) != "public"
     assert refused(v6, allow_private=False)
 
 
@@ -119,7 +119,7 @@ def test_allow_private_still_refuses_embeddings_of_link_local_and_reserved_ipv4(
 ) -> None:
     v6 = embed(kind, v4, other, free)
     assume(v6 != IPv6Address("::1"))  # ::0.0.0.1 is loopback, which allow_private lets through
-    assert services.address_class(v6) == "blocked"
+    assert delivery.address_class(v6) == "blocked"
     assert refused(v6, allow_private=True)
 
 
@@ -136,9 +136,9 @@ def test_embedding_logic_finds_a_public_ipv4_public(
     # a public address there may be refused for the bits another position reads. The prefix is
     # not public anyway (RFC 8215), so it is refused whatever it carries.
     v6 = embed(kind, v4, other, free)
-    found = services.embedded_ipv4_addresses(v6)
+    found = delivery.embedded_ipv4_addresses(v6)
     assert v4 in found
-    assert all(services.address_class(ip) == "public" for ip in found)
+    assert all(delivery.address_class(ip) == "public" for ip in found)
 
 
 @given(v4=public_v4, kind=st.sampled_from(PUBLIC_CARRIERS))
@@ -162,10 +162,10 @@ def test_a_6to4_address_of_a_public_ipv4_is_accepted(v4: IPv4Address, subnet: in
 )
 def test_allow_private_lets_loopback_and_private_addresses_through(address: str) -> None:
     url = f"http://[{address}]/" if ":" in address else f"http://{address}/"
-    _, addresses = services.resolve_webhook_target(url, True, dns_timeout=1.0)
+    _, addresses = delivery.resolve_webhook_target(url, True, dns_timeout=1.0)
     assert addresses == [str(ipaddress.ip_address(address))]
-    with pytest.raises(services.BlockedAddress, match="private or reserved"):
-        services.resolve_webhook_target(url, False, dns_timeout=1.0)
+    with pytest.raises(delivery.BlockedAddress, match="private or reserved"):
+        delivery.resolve_webhook_target(url, False, dns_timeout=1.0)
 
 
 @pytest.mark.parametrize(
@@ -182,8 +182,8 @@ def test_allow_private_lets_loopback_and_private_addresses_through(address: str)
     ],
 )
 def test_allow_private_still_refuses_link_local_unspecified_and_multicast(url: str) -> None:
-    with pytest.raises(services.BlockedAddress):
-        services.resolve_webhook_target(url, True, dns_timeout=1.0)
+    with pytest.raises(delivery.BlockedAddress):
+        delivery.resolve_webhook_target(url, True, dns_timeout=1.0)
 
 
 @pytest.mark.parametrize(
@@ -201,7 +201,7 @@ def test_allow_private_still_refuses_link_local_unspecified_and_multicast(url: s
     ],
 )
 def test_public_literals_are_accepted_and_pinned_to_their_address(url: str, address: str) -> None:
-    _, addresses = services.resolve_webhook_target(url, False, dns_timeout=1.0)
+    _, addresses = delivery.resolve_webhook_target(url, False, dns_timeout=1.0)
     assert addresses == [address]
 
 
@@ -250,13 +250,13 @@ def test_a_name_with_any_non_public_record_is_refused(
     dns: dict[str, Any], records: list[str]
 ) -> None:
     dns["mixed.dns.test"] = records
-    with pytest.raises(services.BlockedAddress, match="private or reserved"):
-        services.resolve_webhook_target("https://mixed.dns.test/hook", False, dns_timeout=1.0)
+    with pytest.raises(delivery.BlockedAddress, match="private or reserved"):
+        delivery.resolve_webhook_target("https://mixed.dns.test/hook", False, dns_timeout=1.0)
 
 
 def test_a_name_with_only_public_records_resolves_to_all_of_them(dns: dict[str, Any]) -> None:
     dns["public.dns.test"] = ["93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"]
-    _, addresses = services.resolve_webhook_target(
+    _, addresses = delivery.resolve_webhook_target(
         "https://PUBLIC.dns.test./hook", False, dns_timeout=1.0
     )
     assert addresses == ["93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"]
@@ -265,13 +265,13 @@ def test_a_name_with_only_public_records_resolves_to_all_of_them(dns: dict[str, 
 
 def test_a_hanging_resolver_is_given_up_on_with_a_clear_message(dns: dict[str, Any]) -> None:
     dns["slow.dns.test"] = threading.Event()
-    with pytest.raises(services.HostNotResolved, match=r"took longer than 0\.2 s"):
-        services.resolve_webhook_target("https://slow.dns.test/hook", False, dns_timeout=0.2)
+    with pytest.raises(delivery.HostNotResolved, match=r"took longer than 0\.2 s"):
+        delivery.resolve_webhook_target("https://slow.dns.test/hook", False, dns_timeout=0.2)
 
 
 def test_an_unknown_name_is_refused_as_not_resolving(dns: dict[str, Any]) -> None:
-    with pytest.raises(services.HostNotResolved, match="does not resolve"):
-        services.resolve_webhook_target("https://nowhere.dns.test/", False, dns_timeout=1.0)
+    with pytest.raises(delivery.HostNotResolved, match="does not resolve"):
+        delivery.resolve_webhook_target("https://nowhere.dns.test/", False, dns_timeout=1.0)
 
 
 @pytest.mark.parametrize(
@@ -296,8 +296,8 @@ def test_an_unknown_name_is_refused_as_not_resolving(dns: dict[str, Any]) -> Non
 def test_malformed_hosts_are_refused_before_any_lookup(
     dns: dict[str, Any], url: str, message: str
 ) -> None:
-    with pytest.raises(services.BlockedAddress, match=message):
-        services.resolve_webhook_target(url, True, dns_timeout=1.0)
+    with pytest.raises(delivery.BlockedAddress, match=message):
+        delivery.resolve_webhook_target(url, True, dns_timeout=1.0)
     assert dns["_calls"] == []
 
 
@@ -307,9 +307,9 @@ def fullwidth(text: str) -> str:
 
 
 def test_unicode_digits_are_the_ascii_address_they_stand_for() -> None:
-    with pytest.raises(services.BlockedAddress, match="private or reserved"):
-        services.resolve_webhook_target(fullwidth("http://127.0.0.1/"), False, dns_timeout=1.0)
-    _, addresses = services.resolve_webhook_target(
+    with pytest.raises(delivery.BlockedAddress, match="private or reserved"):
+        delivery.resolve_webhook_target(fullwidth("http://127.0.0.1/"), False, dns_timeout=1.0)
+    _, addresses = delivery.resolve_webhook_target(
         fullwidth("http://93.184.215.14/"), False, dns_timeout=1.0
     )
     assert addresses == ["93.184.215.14"]

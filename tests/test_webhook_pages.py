@@ -15,8 +15,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from test_forms_pages import create_form
 
+import cache
 import dal
 import microapp
+import records
 import settings as settings_module
 from conftest import AuthActions, WebhookReceiver, csrf_token, post_form, settle_deliveries
 
@@ -33,7 +35,7 @@ def app(overrides: dict[str, Any]) -> Iterator[Flask]:
     app.config["TESTING"] = True
     yield app
     with app.app_context():
-        dal.stores().engine.dispose()
+        dal.database().engine.dispose()
 
 
 @pytest.fixture
@@ -60,7 +62,7 @@ def hanging_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     released.set()
 
 
-def form_row(app: Flask, public_id: str) -> dal.Row:
+def form_row(app: Flask, public_id: str) -> records.Form:
     """The stored form."""
     with app.app_context(), dal.connection() as conn:
         row = dal.form_by_public_id(conn, public_id)
@@ -245,7 +247,7 @@ def test_a_hanging_resolver_on_save_answers_a_clear_message(
 def test_send_test_event_with_a_hanging_resolver_says_so(
     app: Flask, client: FlaskClient, owner: str, hanging_dns: str
 ) -> None:
-    with app.app_context(), dal.form_write(owner) as conn:  # saved before the resolver broke
+    with app.app_context(), cache.form_write(owner) as conn:  # saved before the resolver broke
         dal.update_form(
             conn,
             form_row(app, owner).id,
