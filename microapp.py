@@ -52,9 +52,10 @@ from wtforms.validators import ValidationError as FormValidationError
 
 import dal
 import forms
+import openapi
 import services
 import tasks
-from api import api, openapi_document, reference_context
+from api import api
 from settings import (
     Settings,
     current_settings,
@@ -1072,8 +1073,8 @@ def readyz() -> Any:
 @pages.get("/api")
 def api_reference() -> str:
     """The API reference, rendered on the server from the OpenAPI document."""
-    document = openapi_document(current_settings().base_url)
-    return render_template("api_reference.html", **reference_context(document))
+    document = openapi.openapi_document(openapi.api_url())
+    return render_template("api_reference.html", **openapi.reference_context(document))
 
 
 # =================================================================================================
