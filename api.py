@@ -55,6 +55,7 @@ from openapi import (
     operation,
 )
 from settings import current_settings
+from web import csrf
 
 log = structlog.get_logger("mailslot.api")
 
@@ -63,6 +64,7 @@ log = structlog.get_logger("mailslot.api")
 # =================================================================================================
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
+csrf.exempt(api)  # bearer tokens only: the API never reads the session cookie
 
 
 _PUBLIC_ID = re.compile(PUBLIC_ID_PATTERN)
@@ -662,7 +664,7 @@ def api_root() -> Any:
         name="Mailslot API",
         version="v1",
         openapi=external_url("api.openapi_json"),
-        reference=external_url("pages.api_reference"),
+        reference=external_url("dashboard.api_reference"),
     )
 
 

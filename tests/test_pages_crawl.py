@@ -20,6 +20,7 @@ from flask.testing import FlaskClient
 import dal
 import microapp
 import services
+import web
 from conftest import FAST_HASH, AuthActions, post_form
 
 CSP = "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors {}"
@@ -282,7 +283,7 @@ NOW = dt.datetime(2025, 6, 15, 12, 0, tzinfo=dt.UTC)
     ],
 )
 def test_relative_time_reads_like_a_person_would_say_it(ago: dt.timedelta, text: str) -> None:
-    assert microapp.relative_time(NOW - ago, now=NOW) == text
+    assert web.relative_time(NOW - ago, now=NOW) == text
 
 
 @SQLITE_ONLY

@@ -1,0 +1,257 @@
+"""Blueprint ``public``: the endpoint any website's form posts to (POST/OPTIONS /f/<id>), the
+form page Mailslot hosts (GET /f/<id>, POST /f/<id>/page), the thank-you page, CORS for the
+form's allowed sites, the smaller body limit of submissions, and /healthz and /readyz.
+
+Views only read the request into a ``services.IntakeRequest`` and show intake's answer; they
+must not hold rules (origins, limits, spam and validation live in ``services``), SQL or Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Flask,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask_wtf.csrf import validate_csrf
+from wtforms.validators import ValidationError as FormValidationError
+
+import forms
+import services
+from settings import current_settings
+from web import PUBLIC_PREFIX, UnreadableForm, csrf, error_response, wants_json
+
+public = Blueprint("public", __name__)
+
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+# =================================================================================================
+# Reading a submission
+# =================================================================================================
+
+
+def limit_public_bodies(sender: Flask, **_extra: Any) -> None:
+    """Submission bodies have their own, smaller limit; set before anything reads the body."""
+    if request.path.startswith(PUBLIC_PREFIX):
+        request.max_content_length = current_settings().submission_max_bytes
+
+
+def _read_payload() -> services.Payload:
+    """Parse the body of a submission, whatever kind of client sent it."""
+    if request.mimetype == "application/json":
+        values, problem = forms.load_json_fields(request.get_data(cache=True))
+        if problem is not None:
+            return services.Payload("unreadable", problem=problem)
+        return services.Payload("json", values)
+    if request.mimetype in _FORM_TYPES:
+        if isinstance(request.form, UnreadableForm):
+            return services.Payload("unreadable", problem=request.form.problem)
+        values = {key: items for key, items in request.form.to_dict(flat=False).items()}
+        has_files = any(f.filename for f in request.files.values())
+        return services.Payload("form", values, has_files=has_files)
+    return services.Payload("unsupported")
+
+
+def _intake(public_id: str, hosted: bool) -> services.IntakeResult:
+    """Run intake for this request."""
+    return services.record_submission(
+        services.IntakeRequest(
+            public_id=public_id,
+            payload=_read_payload(),
+            origin=forms.request_header_text(request.headers.get("Origin")),
+            referrer=forms.request_header_text(request.referrer),
+            client_ip=request.remote_addr,
+            user_agent=forms.request_header_text(request.user_agent.string),
+            hosted=hosted,
+        )
+    )
+
+
+def _wants_json_answer() -> bool:
+    """AJAX and API clients get JSON answers; a plain browser post gets redirected."""
+    return (
+        request.is_json
+        or request.headers.get("X-Requested-With") == "XMLHttpRequest"
+        or wants_json()
+    )
+
+
+def _unavailable(exc: services.FormUnavailable, json_shape: bool = False) -> Any:
+    """Intake's refusal as the endpoint's JSON shape or as a page; 429s say when to retry."""
+    if json_shape:
+        response = jsonify(ok=False, error=exc.message)
+        response.status_code = exc.status
+    else:
+        response = current_app.make_response(error_response(exc.status, exc.message))
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def _render_hosted(record: Any, form: Any) -> str:
+    """The hosted page, with a fresh signed render stamp for the spam check."""
+    return render_template(
+        "hosted.html",
+        record=record,
+        form=form,
+        render_token=services.render_token(record.public_id),
+    )
+
+
+def _session_csrf_valid() -> bool:
+    """Whether the request carries this session's CSRF token."""
+    try:
+        validate_csrf(request.form.get("csrf_token"))
+    except FormValidationError:
+        return False
+    return True
+
+
+def _back_link(record: Any) -> tuple[str, str]:
+    """Back to the site the submitter came from when the browser says so, else to the form."""
+    came_from = forms.parse_web_url(forms.request_header_text(request.referrer))
+    here = forms.parse_web_url(request.host_url)
+    if came_from is not None and (
+        here is None or (came_from.host, came_from.port) != (here.host, here.port)
+    ):
+        return came_from.url, f"Back to {came_from.host}"
+    return url_for("public.hosted_page", public_id=record.public_id), "Back to the form"
+
+
+# =================================================================================================
+# The endpoint websites post to
+# =================================================================================================
+
+
+@public.post("/f/<pid:public_id>", provide_automatic_options=False)
+@csrf.exempt
+def submit(public_id: str) -> Any:
+    """The endpoint any website's form posts to."""
+    try:
+        result = _intake(public_id, hosted=False)
+    except services.FormUnavailable as exc:
+        return _unavailable(exc, json_shape=_wants_json_answer())
+    g.public_form = result.form
+    if result.outcome == "invalid":
+        if _wants_json_answer():
+            return jsonify(ok=False, errors=result.errors), 422
+        return render_template("submit_errors.html", record=result.form, errors=result.errors), 422
+    if _wants_json_answer():
+        return jsonify(ok=True, id=result.submission_id), 201
+    return redirect(result.redirect_to, 303)
+
+
+@public.route("/f/<pid:public_id>", methods=["OPTIONS"], provide_automatic_options=False)
+@csrf.exempt
+def submit_preflight(public_id: str) -> Any:
+    """CORS preflight for fetch() from the form's allowed sites."""
+    try:
+        g.public_form = services.public_form(public_id)
+    except services.FormUnavailable:
+        g.public_form = None
+    response = current_app.response_class(status=204)
+    response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+    response.headers["Access-Control-Allow-Headers"] = "Content-Type, Accept, X-Requested-With"
+    response.headers["Access-Control-Max-Age"] = "86400"
+    return response
+
+
+@public.after_request
+def _cors(response: Any) -> Any:
+    """Let allowed sites read the endpoint's answers (any site when no list is set)."""
+    if request.endpoint in ("public.submit", "public.submit_preflight"):
+        form = g.get("public_form")
+        if form is None and request.view_args:
+            try:
+                form = services.public_form(request.view_args["public_id"])
+            except services.FormUnavailable:
+                form = None
+        allowed = services.cors_origin(form, request.headers.get("Origin"))
+        if allowed:
+            response.headers["Access-Control-Allow-Origin"] = allowed
+        response.vary.add("Origin")
+    return response
+
+
+# =================================================================================================
+# The hosted page and the thank-you page
+# =================================================================================================
+
+
+@public.get("/f/<pid:public_id>", provide_automatic_options=False)
+def hosted_page(public_id: str) -> Any:
+    """The form page Mailslot hosts for owners without a website."""
+    try:
+        record = services.public_form(public_id)
+    except services.FormUnavailable as exc:
+        return _unavailable(exc)
+    g.public_form = record
+    form = forms.hosted_form_class(record.fields or [])()
+    return _render_hosted(record, form)
+
+
+@public.post("/f/<pid:public_id>/page")
+@csrf.exempt
+def hosted_submit(public_id: str) -> Any:
+    """The hosted page's own submit, errors shown beside each field.
+
+    It is protected by the session's CSRF token, or by the page's signed render stamp: in a
+    cross-site iframe (allowed domains may embed the page) browsers send no session cookie, and
+    for an anonymous public form the stamp proves just as well that our page was filled in.
+    """
+    try:
+        record = services.public_form(public_id)
+    except services.FormUnavailable as exc:
+        return _unavailable(exc)
+    g.public_form = record
+    form = forms.hosted_form_class(record.fields or [])()
+    stamp = request.form.get("_rendered")
+    if not (_session_csrf_valid() or services.render_stamp_valid(stamp, record.public_id)):
+        form.form_errors.append("This form expired. Reload the page and send it again.")
+        return _render_hosted(record, form), 400
+    try:
+        result = _intake(public_id, hosted=True)
+    except services.FormUnavailable as exc:
+        return _unavailable(exc)
+    if result.outcome == "invalid":
+        forms.attach_errors(form, result.errors)
+        return _render_hosted(record, form), 422
+    return redirect(result.redirect_to, 303)
+
+
+@public.get("/f/<pid:public_id>/thanks")
+def thanks(public_id: str) -> Any:
+    """Where a submitter lands when the owner set no redirect."""
+    try:
+        record = services.public_form(public_id)
+    except services.FormUnavailable as exc:
+        return _unavailable(exc)
+    g.public_form = record
+    back_url, back_label = _back_link(record)
+    return render_template("thanks.html", record=record, back_url=back_url, back_label=back_label)
+
+
+# =================================================================================================
+# Health
+# =================================================================================================
+
+
+@public.get("/healthz")
+def healthz() -> Any:
+    """The process is up."""
+    return jsonify(status="ok")
+
+
+@public.get("/readyz")
+def readyz() -> Any:
+    """Database and Redis reachability and the mode; 503 only when the database is down."""
+    report = services.readiness()
+    return jsonify(report), 503 if report["status"] == "down" else 200
