@@ -207,7 +207,7 @@ def account_erase() -> Any:
     form = forms.EraseForm()
     found = None
     if form.validate_on_submit():
-        if request.form.get("action") == "delete":
+        if form.action.data == forms.ERASE_DELETE:
             deleted = services.erase_person(g.user.id, form.email.data)
             flash(f"Deleted {deleted} submission(s) that mentioned {form.email.data}.", "success")
             return redirect(url_for("accounts.account_erase"))

@@ -193,16 +193,15 @@ def form_settings(public_id: str) -> Any:
 @dashboard.post("/forms/<pid:public_id>/webhook")
 @login_required
 def form_webhook(public_id: str) -> Any:
-    """Save, test or re-key the form's webhook (buttons named ``action``)."""
+    """Save, test or re-key the form's webhook (the button pressed is the form's ``action``)."""
     record = _owned_form(public_id)
     webhook_form = forms.WebhookForm()
-    action = request.form.get("action", "save")
     if not webhook_form.validate_on_submit():
         return _render_settings(record, webhook_form=webhook_form), 422
-    if action == "test":
+    if webhook_form.action.data == forms.WEBHOOK_TEST:
         flash(services.send_test_event(record), "info")
         return _webhook_section(public_id)
-    if action == "rotate":
+    if webhook_form.action.data == forms.WEBHOOK_ROTATE:
         flash("New signing secret created. Give it to your receiver.", "success")
         return _secret_page(record, services.rotate_webhook_secret(record))
     return _save_webhook(record, webhook_form)
@@ -229,7 +228,7 @@ def form_fields(public_id: str) -> Any:
         form = forms.FieldsForm(data=forms.fields_form_data(record.fields or []))
         return render_template("form_fields.html", form=form, record=record)
     form = forms.FieldsForm()
-    if forms.apply_builder_action(form, request.form.get("action", "save")):
+    if forms.apply_builder_action(form, form.action.data):
         return render_template("form_fields.html", form=form, record=record)
     if form.validate_on_submit():
         specs = forms.field_specs(form)
@@ -294,6 +293,7 @@ def submission_detail(public_id: str, submission_id: str) -> str:
         submission=submission,
         deliveries=services.submission_deliveries(submission),
         action_form=forms.ActionForm(),
+        verdict_form=forms.SpamVerdictForm(),
     )
 
 
@@ -303,10 +303,10 @@ def submission_mark(public_id: str, submission_id: str) -> Any:
     """Mark a submission spam or not spam."""
     record = _owned_form(public_id)
     submission = _owned_submission(record, submission_id)
-    if forms.ActionForm().validate_on_submit():
-        is_spam = request.form.get("spam") == "1"
-        services.mark_spam(submission, is_spam)
-        flash("Marked as spam." if is_spam else "Marked as not spam.", "success")
+    form = forms.SpamVerdictForm()
+    if form.validate_on_submit():
+        services.mark_spam(submission, form.spam.data)
+        flash("Marked as spam." if form.spam.data else "Marked as not spam.", "success")
     return _submission_page(public_id, submission_id)
 
 
