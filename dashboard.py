@@ -181,12 +181,13 @@ def form_settings(public_id: str) -> Any:
         return _render_settings(record)
     form = forms.FormSettingsForm()
     if form.validate_on_submit():
-        clash = forms.honeypot_clash(record.fields or [], form.honeypot_field.data)
-        if clash is None:
+        try:
             services.update_form_settings(record, forms.settings_values(form))
+        except services.InvalidInput as exc:
+            forms.attach_errors(form, exc.errors)
+        else:
             flash("Settings saved.", "success")
             return redirect(url_for("dashboard.form_settings", public_id=public_id))
-        form.honeypot_field.errors.append(clash)
     return _render_settings(record, form=form), 422
 
 
@@ -231,13 +232,13 @@ def form_fields(public_id: str) -> Any:
     if forms.apply_builder_action(form, form.action.data):
         return render_template("form_fields.html", form=form, record=record)
     if form.validate_on_submit():
-        specs = forms.field_specs(form)
-        clash = forms.honeypot_clash(specs, record.honeypot_field)
-        if clash is None:
-            services.save_fields(record, specs)
+        try:
+            services.save_fields(record, forms.field_specs(form))
+        except services.InvalidInput as exc:
+            forms.attach_errors(form, exc.errors)
+        else:
             flash("Fields saved. The hosted page and validation use them from now on.", "success")
             return redirect(url_for("dashboard.form_fields", public_id=public_id))
-        form.form_errors.append(clash)
     return render_template("form_fields.html", form=form, record=record), 422
 
 

@@ -315,15 +315,31 @@ def create_form(owner_id: int, values: dict[str, Any]) -> dal.Row:
     return form
 
 
+def honeypot_problems(
+    fields: list[dict[str, Any]] | None, honeypot: str, key: str
+) -> dict[str, list[str]]:
+    """The honeypot must not be one of the form's fields: ``{key: [why]}`` when it is, else {}."""
+    clash = forms.honeypot_clash(fields or [], honeypot)
+    return {key: [clash]} if clash else {}
+
+
 def update_form_settings(form: dal.Row, values: dict[str, Any]) -> None:
-    """Save a form's settings."""
+    """Save a form's settings; InvalidInput (on honeypot_field) when the honeypot is a field."""
+    honeypot = values.get("honeypot_field", form.honeypot_field)
+    problems = honeypot_problems(form.fields, honeypot, "honeypot_field")
+    if problems:
+        raise InvalidInput(problems)
     with dal.form_write(form.public_id) as conn:
         dal.update_form(conn, form.id, values)
     log.info("form.updated", form=form.public_id)
 
 
 def save_fields(form: dal.Row, specs: list[dict[str, Any]]) -> None:
-    """Store a new field schema; its version goes up so old submissions keep their meaning."""
+    """Store a new field schema; its version goes up so old submissions keep their meaning.
+    InvalidInput (on ``_form``) when one of the fields is named like the honeypot."""
+    problems = honeypot_problems(specs, form.honeypot_field, "_form")
+    if problems:
+        raise InvalidInput(problems)
     with dal.form_write(form.public_id) as conn:
         dal.bump_schema_version(conn, form.id, specs)
     log.info("form.fields_saved", form=form.public_id, fields=len(specs))
@@ -1473,9 +1489,8 @@ def clean_form_input(values: dict[str, Any], current: dal.Row | None = None) -> 
             "honeypot_field",
             current.honeypot_field if current is not None else forms.DEFAULT_HONEYPOT_FIELD,
         )
-        clash = forms.honeypot_clash(fields or [], honeypot)
-        if clash:
-            errors["honeypot_field" if "honeypot_field" in clean else "fields"] = [clash]
+        key = "honeypot_field" if "honeypot_field" in clean else "fields"
+        errors.update(honeypot_problems(fields, honeypot, key))
     if errors:
         raise InvalidInput(errors)
     return clean
