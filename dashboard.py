@@ -118,6 +118,18 @@ def _inbox_filters() -> tuple[str, bool, int | None]:
     return query, spam, before
 
 
+def _install_snippets(record: dal.Row) -> dict[str, str]:
+    """The install panel: the HTML and fetch() snippets rendered from their templates (as text,
+    for the page to escape once more), the form's address and its hosted page."""
+    data = services.install_data(record)
+    return {
+        "html": render_template("snippets/form.html", **data),
+        "fetch": render_template("snippets/fetch.js", **data),
+        "action": data["action"],
+        "hosted": data["hosted"],
+    }
+
+
 def _download(chunks: Any, record: dal.Row, extension: str, content_type: str) -> Any:
     """A streamed attachment named after the form, with exactly this Content-Type (werkzeug
     would add a second charset to a text/* ``mimetype`` that already names one)."""
@@ -276,7 +288,7 @@ def form_inbox(public_id: str) -> str:
         query=query,
         spam=spam,
         before=before,
-        snippets=services.install_snippets(record),
+        snippets=_install_snippets(record),
         stats=stats,
         per_day=per_day,
     )

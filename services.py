@@ -10,7 +10,6 @@ import csv
 import datetime as dt
 import hashlib
 import hmac
-import html
 import io
 import ipaddress
 import json
@@ -407,59 +406,16 @@ def endpoint_url(form: dal.Row) -> str:
     return f"{current_settings().base_url}/f/{form.public_id}"
 
 
-def install_snippets(form: dal.Row) -> dict[str, str]:
-    """Ready-to-paste HTML and fetch() code for this form, and its hosted page link."""
-    action = endpoint_url(form)
-    fields = form.fields or forms.DEFAULT_FIELDS
-    inputs = []
-    for spec in fields:
-        name = html.escape(spec["name"])
-        label = html.escape(spec.get("label") or spec["name"])
-        required = " required" if spec.get("required") else ""
-        kind = spec.get("type", "text")
-        if kind == "textarea":
-            control = f'<textarea name="{name}"{required}></textarea>'
-        elif kind in ("select", "radio"):
-            options = "".join(
-                f'<option value="{html.escape(c)}">{html.escape(c)}</option>'
-                for c in spec.get("choices", [])
-            )
-            control = f'<select name="{name}"{required}>{options}</select>'
-        elif kind == "checkbox":
-            control = f'<input type="checkbox" name="{name}"{required}>'
-        else:
-            control = f'<input type="{html.escape(kind)}" name="{name}"{required}>'
-        inputs.append(f"  <label>{label}\n    {control}\n  </label>")
-    honeypot = html.escape(form.honeypot_field)
-    html_snippet = "\n".join(
-        [
-            f'<form action="{html.escape(action)}" method="POST">',
-            *inputs,
-            "  <!-- Optional: where to go afterwards (a page on your site). -->",
-            '  <!-- <input type="hidden" name="_next" value="https://your-site.example/thanks"> -->',  # noqa: E501
-            "  <!-- Spam trap: people never see this field, bots fill it in. -->",
-            f'  <p hidden><label>Leave this empty <input type="text" name="{honeypot}"'
-            ' tabindex="-1" autocomplete="off"></label></p>',
-            '  <button type="submit">Send</button>',
-            "</form>",
-        ]
-    )
-    fetch_snippet = "\n".join(
-        [
-            f"const form = document.querySelector('form[action={json.dumps(action)}]');",
-            "form.addEventListener('submit', async (event) => {",
-            "  event.preventDefault();",
-            f"  const response = await fetch({json.dumps(action)}, {{",
-            "    method: 'POST',",
-            "    body: new FormData(form),",
-            "    headers: { 'Accept': 'application/json' },",
-            "  });",
-            "  const result = await response.json();",
-            "  // result.ok === true, or result.errors = { field: ['message', ...] }",
-            "});",
-        ]
-    )
-    return {"html": html_snippet, "fetch": fetch_snippet, "hosted": action, "action": action}
+def install_data(form: dal.Row) -> dict[str, Any]:
+    """What the install panel's snippets are made of: the form's address (also its hosted page),
+    its fields (the default ones for an empty schema), and the honeypot's name."""
+    url = endpoint_url(form)
+    return {
+        "action": url,
+        "hosted": url,
+        "fields": list(form.fields or forms.DEFAULT_FIELDS),
+        "honeypot": form.honeypot_field,
+    }
 
 
 # =================================================================================================
