@@ -3,7 +3,8 @@ builder, inbox, submissions, deliveries, exports, deletion), the landing page an
 reference page (/api, rendered from the OpenAPI document).
 
 Views are thin: they read a Flask-WTF form or the query string, call ``services`` and render or
-redirect. They must not hold rules, SQL or Redis. Someone else's form or
+redirect; values the templates show (the chart, the inbox's columns, the install snippets) are
+computed here or in ``web``. They must not hold rules, SQL or Redis. Someone else's form or
 submission is a 404, never a 403.
 """
 
@@ -28,10 +29,11 @@ import dal
 import forms
 import openapi
 import services
-from web import login_required
+from web import chart_geometry, login_required
 
 dashboard = Blueprint("dashboard", __name__)
 
+INBOX_COLUMNS = 4  # the newest submission's first fields; the detail page shows every field
 SEARCH_MAX_LENGTH = 200
 
 # =================================================================================================
@@ -284,13 +286,14 @@ def form_inbox(public_id: str) -> str:
         "form_inbox.html",
         record=record,
         submissions=rows,
+        columns=list(rows[0].data)[:INBOX_COLUMNS] if rows else [],
         next_before=next_before,
         query=query,
         spam=spam,
         before=before,
         snippets=_install_snippets(record),
         stats=stats,
-        per_day=per_day,
+        chart=chart_geometry(per_day),
     )
 
 

@@ -182,7 +182,9 @@ def create_app(**overrides: Any) -> Flask:
     app.before_request(web.load_user)
     app.after_request(_security_headers)
     app.jinja_env.filters.update(web.TEMPLATE_FILTERS)
-    app.context_processor(lambda: {"current_user": g.get("user"), "mode": settings.mode})
+    app.context_processor(
+        lambda: {"current_user": g.get("user"), "mode": settings.mode, "nav": web.nav_section()}
+    )
     request_started.connect(_bind_request, app)
     request_started.connect(limit_public_bodies, app)
     request_finished.connect(_log_request, app)

@@ -751,4 +751,9 @@ def reference_context(document: dict[str, Any]) -> dict[str, Any]:
                 ],
             }
         )
-    return {"document": document, "operations": operations, "models": models}
+    return {
+        "document": document,
+        "operations": operations,
+        "models": models,
+        "model_names": [model["name"] for model in models],
+    }

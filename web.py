@@ -9,7 +9,8 @@ the request but never changes what is stored.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -17,6 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 from flask import (
     Request,
     g,
+    has_request_context,
     jsonify,
     redirect,
     render_template,
@@ -167,6 +169,19 @@ ERROR_TEXT = {
     500: "Something went wrong on our side. It has been logged.",
     503: "The service is temporarily unavailable; try again in a minute.",
 }
+STATUS_TITLES = {
+    400: "Bad request",
+    401: "Log in needed",
+    403: "Not allowed",
+    404: "Not found",
+    405: "Method not allowed",
+    413: "Too large",
+    415: "Unsupported content",
+    422: "Needs fixing",
+    429: "Slow down",
+    500: "Server error",
+    503: "Unavailable",
+}
 
 
 def error_code(status: int) -> str:
@@ -197,7 +212,7 @@ def error_response(status: int, message: str | None = None, code: str | None = N
 
 
 # =================================================================================================
-# Template filters
+# Template filters and helpers: values the templates show, computed here
 # =================================================================================================
 
 
@@ -224,7 +239,148 @@ def exact_time(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def yes_no(value: Any) -> Any:
+    """A submitted boolean as people read it ("Yes"/"No"); any other value unchanged."""
+    if value is True:
+        return "Yes"
+    if value is False:
+        return "No"
+    return value
+
+
+def status_title(status: int) -> str:
+    """The short title of an error page ("Not found")."""
+    return STATUS_TITLES.get(status, "Error")
+
+
+def error_label(name: str) -> str:
+    """A submission error's key as shown: errors about the whole form are "Form"."""
+    return "Form" if name == "_form" else name
+
+
+def field_aria(
+    field: Any, hint: str | None = None, autocomplete: str | None = None
+) -> dict[str, str]:
+    """A form field's ARIA attributes (and autocomplete): invalid or not, and the ids of its
+    hint and error messages."""
+    described = [f"{field.id}-hint"] if hint else []
+    if field.errors:
+        described.append(f"{field.id}-error")
+    attrs: dict[str, str] = {"aria-invalid": "true" if field.errors else "false"}
+    if described:
+        attrs["aria-describedby"] = " ".join(described)
+    if autocomplete:
+        attrs["autocomplete"] = autocomplete
+    return attrs
+
+
+def error_aria(field: Any) -> dict[str, str]:
+    """ARIA attributes for a builder input: set only when it has an error."""
+    if not field.errors:
+        return {}
+    return {"aria-invalid": "true", "aria-describedby": f"{field.id}-error"}
+
+
+def is_required(field: Any) -> bool:
+    """Whether a field is marked required (by a validator or by its render keywords)."""
+    return bool(field.flags.required or (field.render_kw or {}).get("required"))
+
+
+def invalid_fields(form: Any) -> list[Any]:
+    """The fields of a form that have errors (not the CSRF token), for the error summary."""
+    return [field for field in form if field.errors and field.name != "csrf_token"]
+
+
+def any_required(form: Any) -> bool:
+    """Whether any field of the form is required (the page then explains the asterisk)."""
+    return any(is_required(field) for field in form)
+
+
+def nav_section() -> str | None:
+    """Which item of the main navigation the current page belongs to."""
+    if not has_request_context() or request.endpoint is None:
+        return None
+    endpoint = request.endpoint
+    if endpoint in ("dashboard.forms_index", "dashboard.form_new") or (
+        endpoint.startswith("dashboard.") and "public_id" in (request.view_args or {})
+    ):
+        return "forms"
+    return {"accounts.account": "account", "accounts.login": "login"}.get(endpoint)
+
+
+@dataclass(frozen=True, slots=True)
+class ChartBar:
+    """One day of the chart: where its bar is drawn, and what its tooltip says."""
+
+    x: int
+    bar_x: float
+    bar_y: str
+    bar_height: str
+    title: str
+    css_class: str
+
+
+@dataclass(frozen=True, slots=True)
+class Chart:
+    """The inbox's submissions-per-day chart, laid out on a 10-units-per-day, 60-high canvas."""
+
+    width: int
+    total: int
+    first_day: str
+    last_day: str
+    busiest_day: str
+    busiest_count: int
+    axis_start: str
+    bars: tuple[ChartBar, ...]
+
+
+CHART_HEIGHT = 60
+CHART_TOP = 56  # the tallest bar; the rest is the baseline's room
+CHART_MIN_BAR = 1.5  # a day with one submission still shows
+CHART_EMPTY_BAR = 1  # an empty day is a flat line
+
+
+def chart_geometry(per_day: Sequence[dal.DayCount]) -> Chart:
+    """Lay out the 30-day bar chart from ``per_day`` (oldest first, at least one day)."""
+    peak = max(max(d.count for d in per_day), 1)
+    busiest = max(per_day, key=lambda d: d.count)  # the earliest of equally busy days
+    bars = []
+    for index, d in enumerate(per_day):
+        height = max(d.count / peak * CHART_TOP, CHART_MIN_BAR) if d.count else CHART_EMPTY_BAR
+        css_class = "day" + ("" if d.count else " empty-day")
+        css_class += " today" if index == len(per_day) - 1 else ""
+        bars.append(
+            ChartBar(
+                x=index * 10,
+                bar_x=index * 10 + 1.5,
+                bar_y=f"{CHART_HEIGHT - height:.2f}",
+                bar_height=f"{height:.2f}",
+                title=f"{d.day:%a} {d.day.day} {d.day:%b}: {d.count} submission"
+                + ("" if d.count == 1 else "s"),
+                css_class=css_class,
+            )
+        )
+    return Chart(
+        width=len(per_day) * 10,
+        total=sum(d.count for d in per_day),
+        first_day=per_day[0].day.isoformat(),
+        last_day=per_day[-1].day.isoformat(),
+        busiest_day=busiest.day.isoformat(),
+        busiest_count=busiest.count,
+        axis_start=f"{per_day[0].day.day} {per_day[0].day:%b}",
+        bars=tuple(bars),
+    )
+
+
 TEMPLATE_FILTERS: dict[str, Callable[..., Any]] = {
     "relative_time": relative_time,
     "exact_time": exact_time,
+    "yes_no": yes_no,
+    "status_title": status_title,
+    "error_label": error_label,
+    "field_aria": field_aria,
+    "error_aria": error_aria,
+    "is_required": is_required,
+    "invalid_fields": invalid_fields,
+    "any_required": any_required,
 }
