@@ -216,9 +216,10 @@ _FRAMEABLE = frozenset({"public.hosted_page", "public.hosted_submit", "public.th
 _CSP_HOST = re.compile(r"[a-z0-9.-]+(:[0-9]{1,5})?")
 
 
-def _frame_ancestors() -> str:
-    """Who may frame this response: nobody, except hosted pages on the form's allowed sites."""
-    if request.endpoint not in _FRAMEABLE:
+def _frame_ancestors(status: int) -> str:
+    """Who may frame this response: nobody, except hosted pages on the form's allowed sites.
+    A 5xx (the database down, say) is framed by nobody: looking the form up would fail again."""
+    if request.endpoint not in _FRAMEABLE or status >= 500:
         return "'none'"
     form = g.get("public_form")
     if form is None:  # the view did not run (a CSRF failure): its answer still shows in the frame
@@ -233,7 +234,9 @@ def _frame_ancestors() -> str:
 
 def _security_headers(response: Any) -> Any:
     """CSP, nosniff and referrer policy on every response; HSTS in production."""
-    response.headers["Content-Security-Policy"] = _CSP.format(ancestors=_frame_ancestors())
+    response.headers["Content-Security-Policy"] = _CSP.format(
+        ancestors=_frame_ancestors(response.status_code)
+    )
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "strict-origin-when-cross-origin"
     if current_settings().env == "production":

@@ -2,6 +2,9 @@
 form page Mailslot hosts (GET /f/<id>, POST /f/<id>/page), the thank-you page, CORS for the
 form's allowed sites, the smaller body limit of submissions, and /healthz and /readyz.
 
+JSON answers use the public envelope (see ``web``): ``{"ok": true, "id": …}`` on success,
+``{"ok": false, "error": {"code", "message"}, "errors": {…}}`` on any failure.
+
 Views only read the request into a ``services.IntakeRequest`` and show intake's answer; they
 must not hold rules (origins, limits, spam and validation live in ``services``), SQL or Redis.
 """
@@ -27,7 +30,15 @@ from wtforms.validators import ValidationError as FormValidationError
 import forms
 import services
 from settings import current_settings
-from web import PUBLIC_PREFIX, UnreadableForm, csrf, error_response, wants_json
+from web import (
+    MSG_PUBLIC_INVALID,
+    PUBLIC_PREFIX,
+    UnreadableForm,
+    csrf,
+    error_response,
+    public_success,
+    wants_json,
+)
 
 public = Blueprint("public", __name__)
 
@@ -75,22 +86,9 @@ def _intake(public_id: str, hosted: bool) -> services.IntakeResult:
     )
 
 
-def _wants_json_answer() -> bool:
-    """AJAX and API clients get JSON answers; a plain browser post gets redirected."""
-    return (
-        request.is_json
-        or request.headers.get("X-Requested-With") == "XMLHttpRequest"
-        or wants_json()
-    )
-
-
-def _unavailable(exc: services.FormUnavailable, json_shape: bool = False) -> Any:
-    """Intake's refusal as the endpoint's JSON shape or as a page; 429s say when to retry."""
-    if json_shape:
-        response = jsonify(ok=False, error=exc.message)
-        response.status_code = exc.status
-    else:
-        response = current_app.make_response(error_response(exc.status, exc.message))
+def _unavailable(exc: services.FormUnavailable) -> Any:
+    """Intake's refusal as a page or the public JSON envelope; 429s say when to retry."""
+    response = current_app.make_response(error_response(exc.status, exc.message))
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
@@ -138,14 +136,14 @@ def submit(public_id: str) -> Any:
     try:
         result = _intake(public_id, hosted=False)
     except services.FormUnavailable as exc:
-        return _unavailable(exc, json_shape=_wants_json_answer())
+        return _unavailable(exc)
     g.public_form = result.form
     if result.outcome == "invalid":
-        if _wants_json_answer():
-            return jsonify(ok=False, errors=result.errors), 422
+        if wants_json():
+            return error_response(422, MSG_PUBLIC_INVALID, fields=result.errors)
         return render_template("submit_errors.html", record=result.form, errors=result.errors), 422
-    if _wants_json_answer():
-        return jsonify(ok=True, id=result.submission_id), 201
+    if wants_json():
+        return public_success(result.submission_id)
     return redirect(result.redirect_to, 303)
 
 
@@ -166,18 +164,21 @@ def submit_preflight(public_id: str) -> Any:
 
 @public.after_request
 def _cors(response: Any) -> Any:
-    """Let allowed sites read the endpoint's answers (any site when no list is set)."""
-    if request.endpoint in ("public.submit", "public.submit_preflight"):
-        form = g.get("public_form")
-        if form is None and request.view_args:
-            try:
-                form = services.public_form(request.view_args["public_id"])
-            except services.FormUnavailable:
-                form = None
-        allowed = services.cors_origin(form, request.headers.get("Origin"))
-        if allowed:
-            response.headers["Access-Control-Allow-Origin"] = allowed
-        response.vary.add("Origin")
+    """Let allowed sites read the endpoint's answers (any site when no list is set). Any site
+    may read a 5xx (the database down, say), as an unknown form's 404: looking the form up
+    would fail again."""
+    if request.endpoint not in ("public.submit", "public.submit_preflight"):
+        return response
+    response.vary.add("Origin")
+    form = g.get("public_form")
+    if form is None and request.view_args and response.status_code < 500:
+        try:
+            form = services.public_form(request.view_args["public_id"])
+        except services.FormUnavailable:
+            form = None
+    allowed = services.cors_origin(form, request.headers.get("Origin"))
+    if allowed:
+        response.headers["Access-Control-Allow-Origin"] = allowed
     return response
 
 

@@ -1,6 +1,14 @@
 """What every Mailslot blueprint shares: the request class and its form parser, the ``pid`` URL
 converter, the CSRF extension, the current user and ``login_required``, ``safe_next``, the HTML
-and JSON error answers, and the template filters.
+and JSON error answers with their two documented JSON envelopes, and the template filters.
+
+The two JSON envelopes:
+
+- the public endpoint (every path under ``/f/``) answers ``{"ok": true, "id": …}`` on success
+  and ``{"ok": false, "error": {"code", "message"}, "errors": {field: [messages]}}`` on every
+  failure (``errors`` is empty unless a 422 names fields);
+- everything else (the JSON API, and JSON clients of the other pages) answers errors as
+  ``{"error": {"code", "message", "fields"}}``.
 
 It must not hold views (they live in one module per blueprint), rules, SQL or Redis; it reads
 the request but never changes what is stored.
@@ -35,7 +43,7 @@ import dal
 import services
 
 # Every path under this prefix is the public endpoint or its hosted pages: cross-site by design,
-# with their own body limit.
+# with their own body limit and their own JSON envelope.
 PUBLIC_PREFIX = "/f/"
 
 # The extension's object: microapp registers it, blueprints exempt the views that need no token.
@@ -153,7 +161,7 @@ def safe_next(target: str | None, default: str) -> str:
 
 
 # =================================================================================================
-# Errors: a page for people, JSON for programs
+# Errors: a page for people, one of the two JSON envelopes for programs
 # =================================================================================================
 
 ERROR_TEXT = {
@@ -182,30 +190,82 @@ STATUS_TITLES = {
     500: "Server error",
     503: "Unavailable",
 }
+# Fixed here (documented in the README), not derived from Python's status phrases, which change
+# between versions (3.13 calls 413 "Content Too Large").
+ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_entity_too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    429: "too_many_requests",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
+MSG_PUBLIC_INVALID = "Some fields need fixing; see errors."
 
 
 def error_code(status: int) -> str:
     """A stable machine-readable code for a status."""
+    if status in ERROR_CODES:
+        return ERROR_CODES[status]
     try:
         return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:
         return "error"
 
 
+def on_public_endpoint() -> bool:
+    """Whether this request is for the public endpoint or its hosted pages (``/f/…``)."""
+    return request.path.startswith(PUBLIC_PREFIX)
+
+
 def wants_json() -> bool:
-    """API paths, JSON bodies and clients that prefer JSON get JSON errors."""
+    """API paths, JSON bodies, AJAX posts to the public endpoint and clients that prefer JSON get
+    JSON answers; a plain browser request gets a page (or a redirect)."""
     if request.path.startswith("/api/") or request.is_json:
+        return True
+    if on_public_endpoint() and request.headers.get("X-Requested-With") == "XMLHttpRequest":
         return True
     best = request.accept_mimetypes.best_match(["text/html", "application/json"])
     return best == "application/json"
 
 
-def error_response(status: int, message: str | None = None, code: str | None = None) -> Any:
-    """One error, as a page for people or ``{"error": {...}}`` for programs."""
+def public_success(submission_id: str) -> Any:
+    """The public endpoint's answer to a stored (or trapped) submission: 201."""
+    return jsonify(ok=True, id=submission_id), 201
+
+
+def public_error_body(
+    status: int, message: str, code: str | None = None, errors: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """The public endpoint's one failure envelope (``errors`` names fields on a 422 only)."""
+    return {
+        "ok": False,
+        "error": {"code": code or error_code(status), "message": message},
+        "errors": errors or {},
+    }
+
+
+def error_response(
+    status: int,
+    message: str | None = None,
+    code: str | None = None,
+    fields: dict[str, list[str]] | None = None,
+) -> Any:
+    """One error, as a page for people or as the JSON envelope of the path for programs."""
     message = message or ERROR_TEXT.get(status, "Error.")
     code = code or error_code(status)
     if wants_json():
-        response = jsonify(error={"code": code, "message": message, "fields": {}})
+        if on_public_endpoint():
+            body = public_error_body(status, message, code, fields)
+        else:
+            body = {"error": {"code": code, "message": message, "fields": fields or {}}}
+        response = jsonify(body)
         response.status_code = status
         return response
     return render_template("error.html", status=status, message=message), status

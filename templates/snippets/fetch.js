@@ -9,5 +9,6 @@ form.addEventListener('submit', async (event) => {
     headers: { 'Accept': 'application/json' },
   });
   const result = await response.json();
-  // result.ok === true, or result.errors = { field: ['message', ...] }
+  // result.ok === true (result.id names the submission), or result.error.message says why
+  // and, for answers that need fixing (422), result.errors = { field: ['message', ...] }
 });
