@@ -86,12 +86,11 @@ def _intake(public_id: str, hosted: bool) -> services.IntakeResult:
     )
 
 
-def _unavailable(exc: services.FormUnavailable) -> Any:
-    """Intake's refusal as a page or the public JSON envelope; 429s say when to retry."""
-    response = current_app.make_response(error_response(exc.status, exc.message))
-    if exc.retry_after is not None:
-        response.headers["Retry-After"] = str(exc.retry_after)
-    return response
+def _open_form(public_id: str) -> Any:
+    """The public form at this address (kept on ``g`` for the answer's headers), or
+    FormUnavailable, which ``_refused`` answers."""
+    g.public_form = services.public_form(public_id)
+    return g.public_form
 
 
 def _render_hosted(record: Any, form: Any) -> str:
@@ -124,6 +123,15 @@ def _back_link(record: Any) -> tuple[str, str]:
     return url_for("public.hosted_page", public_id=record.public_id), "Back to the form"
 
 
+@public.errorhandler(services.FormUnavailable)
+def _refused(exc: services.FormUnavailable) -> Any:
+    """Intake's refusal as a page or the public JSON envelope; 429s say when to retry."""
+    response = current_app.make_response(error_response(exc.status, exc.message))
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
 # =================================================================================================
 # The endpoint websites post to
 # =================================================================================================
@@ -133,10 +141,7 @@ def _back_link(record: Any) -> tuple[str, str]:
 @csrf.exempt
 def submit(public_id: str) -> Any:
     """The endpoint any website's form posts to."""
-    try:
-        result = _intake(public_id, hosted=False)
-    except services.FormUnavailable as exc:
-        return _unavailable(exc)
+    result = _intake(public_id, hosted=False)
     g.public_form = result.form
     if result.outcome == "invalid":
         if wants_json():
@@ -190,11 +195,7 @@ def _cors(response: Any) -> Any:
 @public.get("/f/<pid:public_id>", provide_automatic_options=False)
 def hosted_page(public_id: str) -> Any:
     """The form page Mailslot hosts for owners without a website."""
-    try:
-        record = services.public_form(public_id)
-    except services.FormUnavailable as exc:
-        return _unavailable(exc)
-    g.public_form = record
+    record = _open_form(public_id)
     form = forms.hosted_form_class(record.fields or [])()
     return _render_hosted(record, form)
 
@@ -208,20 +209,13 @@ def hosted_submit(public_id: str) -> Any:
     cross-site iframe (allowed domains may embed the page) browsers send no session cookie, and
     for an anonymous public form the stamp proves just as well that our page was filled in.
     """
-    try:
-        record = services.public_form(public_id)
-    except services.FormUnavailable as exc:
-        return _unavailable(exc)
-    g.public_form = record
+    record = _open_form(public_id)
     form = forms.hosted_form_class(record.fields or [])()
     stamp = request.form.get("_rendered")
     if not (_session_csrf_valid() or services.render_stamp_valid(stamp, record.public_id)):
         form.form_errors.append("This form expired. Reload the page and send it again.")
         return _render_hosted(record, form), 400
-    try:
-        result = _intake(public_id, hosted=True)
-    except services.FormUnavailable as exc:
-        return _unavailable(exc)
+    result = _intake(public_id, hosted=True)
     if result.outcome == "invalid":
         forms.attach_errors(form, result.errors)
         return _render_hosted(record, form), 422
@@ -231,11 +225,7 @@ def hosted_submit(public_id: str) -> Any:
 @public.get("/f/<pid:public_id>/thanks")
 def thanks(public_id: str) -> Any:
     """Where a submitter lands when the owner set no redirect."""
-    try:
-        record = services.public_form(public_id)
-    except services.FormUnavailable as exc:
-        return _unavailable(exc)
-    g.public_form = record
+    record = _open_form(public_id)
     back_url, back_label = _back_link(record)
     return render_template("thanks.html", record=record, back_url=back_url, back_label=back_label)
 

@@ -99,17 +99,14 @@ def make_form(client: FlaskClient, app: Flask, auth: AuthActions) -> MakeForm:
     return FormMaker(client, app)
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
-    """One app and owner for tables of cases that each make their own form and look only at it.
-
-    Creating an app per case would dominate the run time; nothing here is read across forms.
-    """
+def _site(tmp_path_factory: pytest.TempPathFactory, **settings: Any) -> Iterator[FormMaker]:
+    """One app with a signed-up owner, for a module's table of cases (``settings`` override)."""
     app = microapp.create_app(
         instance_path=str(tmp_path_factory.mktemp("public") / "instance"),
         password_hash_method=FAST_HASH,
         base_url=BASE_URL,
         redis_key_prefix=f"mailslot-test-{uuid.uuid4().hex[:8]}:",
+        **settings,
     )
     app.config["TESTING"] = True
     client = app.test_client()
@@ -117,6 +114,15 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
     yield FormMaker(client, app)
     with app.app_context():
         dal.stores().engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
+    """One app and owner for tables of cases that each make their own form and look only at it.
+
+    Creating an app per case would dominate the run time; nothing here is read across forms.
+    """
+    yield from _site(tmp_path_factory)
 
 
 def stored(app: Flask, public_id: str) -> list[dal.Row]:
@@ -604,19 +610,7 @@ AJAX = {"X-Requested-With": "XMLHttpRequest"}
 @pytest.fixture(scope="module")
 def one_a_minute(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
     """Like ``shared``, with one submission a minute per address and form."""
-    app = microapp.create_app(
-        instance_path=str(tmp_path_factory.mktemp("envelope") / "instance"),
-        password_hash_method=FAST_HASH,
-        base_url=BASE_URL,
-        redis_key_prefix=f"mailslot-test-{uuid.uuid4().hex[:8]}:",
-        submit_limit_per_ip_minute=1,
-    )
-    app.config["TESTING"] = True
-    client = app.test_client()
-    AuthActions(client, app).signup()
-    yield FormMaker(client, app)
-    with app.app_context():
-        dal.stores().engine.dispose()
+    yield from _site(tmp_path_factory, submit_limit_per_ip_minute=1)
 
 
 def _refused(site: FormMaker, status: int, headers: dict[str, str]) -> Any:
