@@ -366,7 +366,7 @@ def send_notification(context: records.SubmissionDelivery) -> None:
     if context.owner_confirmed_at is None or context.target != context.owner_email:
         raise PermanentFailure("the owner's address is not confirmed (or changed)")
     link = external_url(
-        "pages.submission_detail",
+        "dashboard.submission_detail",
         public_id=context.form_public_id,
         submission_id=context.submission_public_id,
     )
@@ -438,7 +438,7 @@ def confirm_serializer() -> URLSafeTimedSerializer:
 def confirmation_link(user_id: int, email: str) -> str:
     """A signed, expiring link that confirms this address for this owner (made at send time)."""
     token = confirm_serializer().dumps({"uid": user_id, "email": email})
-    return external_url("pages.confirm_email", token=token)
+    return external_url("accounts.confirm_email", token=token)
 
 
 def _confirm_values(context: records.AccountDelivery) -> dict[str, Any] | None:
@@ -451,7 +451,7 @@ def _confirm_values(context: records.AccountDelivery) -> dict[str, Any] | None:
 
 def _account_exists_values(context: records.AccountDelivery) -> dict[str, Any]:
     """The address and where to log in (nothing secret: the person asking may not own it)."""
-    return {"email": context.user_email, "login_link": external_url("pages.login")}
+    return {"email": context.user_email, "login_link": external_url("accounts.login")}
 
 
 ACCOUNT_EMAILS: dict[str, AccountEmail] = {

@@ -16,6 +16,7 @@ from flask_wtf import FlaskForm
 from werkzeug.datastructures import MultiDict
 from wtforms import (
     BooleanField,
+    ButtonField,
     EmailField,
     FieldList,
     FloatField,
@@ -71,6 +72,35 @@ def _email_field(label: str, missing: str, *, check_format: bool = True) -> Emai
 
 class ActionForm(FlaskForm):
     """A form with nothing but its CSRF token, for POST buttons (log out, resend, delete)."""
+
+
+class _Button(ButtonField):
+    """A submit button: its data is the value of the button pressed, or the default when the
+    form was sent without one (WTForms' own ButtonField gives None then)."""
+
+    def process_data(self, value: Any) -> None:
+        """Start from the default."""
+        self.data = value
+
+    def process_formdata(self, valuelist: list[Any]) -> None:
+        """The pressed button's value, if any."""
+        if valuelist:
+            self.data = valuelist[0]
+
+
+class _VerdictButton(_Button):
+    """A submit button that says yes (value ``1``) or no (any other value): its data is a bool."""
+
+    def process_formdata(self, valuelist: list[Any]) -> None:
+        """True only for the value 1."""
+        if valuelist:
+            self.data = valuelist[0] == "1"
+
+
+class SpamVerdictForm(FlaskForm):
+    """The owner's verdict on a submission: its one button sends spam=1 (spam) or spam=0 (not)."""
+
+    spam = _VerdictButton("Mark as spam", default=False)
 
 
 class SignupForm(FlaskForm):
@@ -376,11 +406,16 @@ class FieldSpecForm(Form):
 
 
 class FieldsForm(FlaskForm):
-    """The field builder: one FieldSpecForm row per field, edited with submit buttons."""
+    """The field builder: one FieldSpecForm row per field, edited with submit buttons.
+
+    Every button is the ``action`` field with its own value (see apply_builder_action); a post
+    without any button saves.
+    """
 
     fields = FieldList(
         FormField(FieldSpecForm), min_entries=0, max_entries=validation.MAX_SCHEMA_FIELDS
     )
+    action = _Button("Save fields", default="save")
 
     def validate(self, extra_validators: Mapping[str, Sequence[Any]] | None = None) -> bool:
         """Validate every row, then refuse two rows with the same name."""
@@ -568,8 +603,13 @@ def attach_errors(form: Form, errors: Mapping[str, Sequence[str]]) -> None:
 # =============================================================================
 
 
+WEBHOOK_SAVE, WEBHOOK_TEST, WEBHOOK_ROTATE = "save", "test", "rotate"
+
+
 class WebhookForm(FlaskForm):
-    """The form's webhook address; empty removes it."""
+    """The form's webhook address (empty removes it), and which button sent it."""
+
+    action = _Button("Save webhook", default=WEBHOOK_SAVE)
 
     url = URLField(
         "Webhook URL",
@@ -612,7 +652,12 @@ class ApiTokenForm(FlaskForm):
             raise ValidationError("Use printable characters only.")
 
 
+ERASE_COUNT, ERASE_DELETE = "count", "delete"
+
+
 class EraseForm(FlaskForm):
-    """Find (then delete) everything an owner holds about one email address."""
+    """Find (then delete) everything an owner holds about one email address; ``action`` is the
+    button pressed: count (the default) or delete."""
 
     email = _email_field("Email address", "Enter the email address to look for.")
+    action = _Button("Find submissions", default=ERASE_COUNT)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import csv
 import datetime as dt
-import html
 import io
 import json
 import re
@@ -67,15 +66,31 @@ def create_form(owner_id: int, values: dict[str, Any]) -> records.Form:
     return form
 
 
+def honeypot_problems(
+    fields: list[dict[str, Any]] | None, honeypot: str, key: str
+) -> dict[str, list[str]]:
+    """The honeypot must not be one of the form's fields: ``{key: [why]}`` when it is, else {}."""
+    clash = validation.honeypot_clash(fields or [], honeypot)
+    return {key: [clash]} if clash else {}
+
+
 def update_form_settings(form: records.Form, values: dict[str, Any]) -> None:
-    """Save a form's settings."""
+    """Save a form's settings; InvalidInput (on honeypot_field) when the honeypot is a field."""
+    honeypot = values.get("honeypot_field", form.honeypot_field)
+    problems = honeypot_problems(form.fields, honeypot, "honeypot_field")
+    if problems:
+        raise InvalidInput(problems)
     with cache.form_write(form.public_id) as conn:
         dal.update_form(conn, form.id, values)
     log.info("form.updated", form=form.public_id)
 
 
 def save_fields(form: records.Form, specs: list[dict[str, Any]]) -> None:
-    """Store a new field schema; its version goes up so old submissions keep their meaning."""
+    """Store a new field schema; its version goes up so old submissions keep their meaning.
+    InvalidInput (on ``_form``) when one of the fields is named like the honeypot."""
+    problems = honeypot_problems(specs, form.honeypot_field, "_form")
+    if problems:
+        raise InvalidInput(problems)
     with cache.form_write(form.public_id) as conn:
         dal.bump_schema_version(conn, form.id, specs)
     log.info("form.fields_saved", form=form.public_id, fields=len(specs))
@@ -143,60 +158,15 @@ def endpoint_url(form: records.Form) -> str:
     return external_url("public.submit", public_id=form.public_id)
 
 
-def install_snippets(form: records.Form) -> dict[str, str]:
-    """Ready-to-paste HTML and fetch() code for this form, and its hosted page link."""
-    action = endpoint_url(form)
-    fields = form.fields or validation.DEFAULT_FIELDS
-    inputs = []
-    for spec in fields:
-        name = html.escape(spec["name"])
-        label = html.escape(spec.get("label") or spec["name"])
-        required = " required" if spec.get("required") else ""
-        kind = spec.get("type", "text")
-        if kind == "textarea":
-            control = f'<textarea name="{name}"{required}></textarea>'
-        elif kind in ("select", "radio"):
-            options = "".join(
-                f'<option value="{html.escape(c)}">{html.escape(c)}</option>'
-                for c in spec.get("choices", [])
-            )
-            control = f'<select name="{name}"{required}>{options}</select>'
-        elif kind == "checkbox":
-            control = f'<input type="checkbox" name="{name}"{required}>'
-        else:
-            control = f'<input type="{html.escape(kind)}" name="{name}"{required}>'
-        inputs.append(f"  <label>{label}\n    {control}\n  </label>")
-    honeypot = html.escape(form.honeypot_field)
-    html_snippet = "\n".join(
-        [
-            f'<form action="{html.escape(action)}" method="POST">',
-            *inputs,
-            "  <!-- Optional: where to go afterwards (a page on your site). -->",
-            '  <!-- <input type="hidden" name="_next" value="https://your-site.example/thanks"> -->',  # noqa: E501
-            "  <!-- Spam trap: people never see this field, bots fill it in. -->",
-            f'  <p hidden><label>Leave this empty <input type="text" name="{honeypot}"'
-            ' tabindex="-1" autocomplete="off"></label></p>',
-            '  <button type="submit">Send</button>',
-            "</form>",
-        ]
-    )
-    fetch_snippet = "\n".join(
-        [
-            f"const form = document.querySelector('form[action={json.dumps(action)}]');",
-            "form.addEventListener('submit', async (event) => {",
-            "  event.preventDefault();",
-            f"  const response = await fetch({json.dumps(action)}, {{",
-            "    method: 'POST',",
-            "    body: new FormData(form),",
-            "    headers: { 'Accept': 'application/json' },",
-            "  });",
-            "  const result = await response.json();",
-            "  // result.ok === true, or result.errors = { field: ['message', ...] }",
-            "});",
-        ]
-    )
-    hosted = external_url("public.hosted_page", public_id=form.public_id)
-    return {"html": html_snippet, "fetch": fetch_snippet, "hosted": hosted, "action": action}
+def install_data(form: records.Form) -> dict[str, Any]:
+    """What the install panel's snippets are made of: the address a form posts to, the hosted
+    page's, the fields (the default ones for an empty schema), and the honeypot's name."""
+    return {
+        "action": endpoint_url(form),
+        "hosted": external_url("public.hosted_page", public_id=form.public_id),
+        "fields": list(form.fields or validation.DEFAULT_FIELDS),
+        "honeypot": form.honeypot_field,
+    }
 
 
 # =================================================================================================
@@ -525,9 +495,8 @@ def clean_form_input(values: dict[str, Any], current: records.Form | None = None
             "honeypot_field",
             current.honeypot_field if current is not None else validation.DEFAULT_HONEYPOT_FIELD,
         )
-        clash = validation.honeypot_clash(fields or [], honeypot)
-        if clash:
-            errors["honeypot_field" if "honeypot_field" in clean else "fields"] = [clash]
+        key = "honeypot_field" if "honeypot_field" in clean else "fields"
+        errors.update(honeypot_problems(fields, honeypot, key))
     if errors:
         raise InvalidInput(errors)
     return clean

@@ -207,6 +207,47 @@ def csrf_token(client: FlaskClient, path: str) -> str:
     return match.group(1) or match.group(2)
 
 
+def public_refusal(
+    code: str, message: str, errors: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """The public endpoint's JSON answer to a refused post (README: "Forms and submissions")."""
+    return {"ok": False, "error": {"code": code, "message": message}, "errors": errors or {}}
+
+
+# The codes of the public endpoint's refusals, as the README documents them.
+PUBLIC_ERROR_CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_entity_too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    429: "too_many_requests",
+    503: "service_unavailable",
+}
+
+
+def assert_public_envelope(response: Any) -> None:
+    """A JSON answer from /f/…: ``{"ok": true, "id"}`` (201), or the one refusal envelope, whose
+    ``errors`` name fields on a 422 only."""
+    body = response.json
+    if response.status_code < 400:
+        assert response.status_code == 201
+        assert set(body) == {"ok", "id"}
+        assert body["ok"] is True
+        assert isinstance(body["id"], str)
+        return
+    assert set(body) == {"ok", "error", "errors"}, body
+    assert body["ok"] is False
+    assert set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == PUBLIC_ERROR_CODES[response.status_code]
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"].strip()
+    assert isinstance(body["errors"], dict)
+    assert bool(body["errors"]) == (response.status_code == 422)
+
+
 def post_form(client: FlaskClient, path: str, data: dict[str, Any], page: str | None = None) -> Any:
     """POST ``data`` to ``path`` with the real CSRF token from ``page`` (default: ``path``)."""
     token = csrf_token(client, page or path)

@@ -1082,6 +1082,34 @@ def test_field_builder_shows_stored_specs(app):
         assert forms.field_specs(form) == stored
 
 
+@settings(max_examples=50, deadline=None)
+@given(value=st.one_of(st.none(), st.sampled_from(["0", "1", "", "true", "yes", "on"]), st.text()))
+def test_buttons_are_read_through_their_form_fields(tmp_path_factory, value):
+    # The views read which button was pressed from these fields, never from request.form.
+    app = _buttons_app(tmp_path_factory)
+    data = {} if value is None else {"spam": value, "action": value}
+    with app.test_request_context(method="POST", data=data):
+        assert forms.SpamVerdictForm().spam.data is (value == "1")
+        for form, default in (
+            (forms.FieldsForm(), "save"),
+            (forms.WebhookForm(), forms.WEBHOOK_SAVE),
+            (forms.EraseForm(), forms.ERASE_COUNT),
+        ):
+            assert form.action.data == (default if value is None else value)
+
+
+_BUTTONS_APP: list[Any] = []
+
+
+def _buttons_app(tmp_path_factory):
+    """One app (CSRF off) for every example of the property above."""
+    if not _BUTTONS_APP:
+        app = microapp.create_app(instance_path=str(tmp_path_factory.mktemp("buttons")))
+        app.config["WTF_CSRF_ENABLED"] = False
+        _BUTTONS_APP.append(app)
+    return _BUTTONS_APP[0]
+
+
 # =============================================================================
 # Hosted form page
 # =============================================================================

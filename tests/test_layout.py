@@ -106,7 +106,12 @@ ALLOWED = {
     "cache": {"dal", "records", "settings"},
     "migrate": {"dal", "settings"},
     "delivery": {"cache", "dal", "links", "records", "settings", "validation"},
+    "tasks": {"cache", "dal", "delivery", "links", "records", "settings"},
+    "forms": {"settings", "validation"},
 }
+# The web layer: what serves HTTP. Nothing below it may import it; blueprints stand side by side.
+WEB_LAYER = {"web", "openapi", "accounts", "dashboard", "public_site", "api", "microapp"}
+BLUEPRINTS = {"accounts", "dashboard", "public_site", "api"}
 
 
 @pytest.mark.parametrize("module", sorted(ALLOWED))
@@ -116,6 +121,16 @@ def test_lower_layers_import_only_what_is_below_them(module: str) -> None:
 
 def test_tasks_sit_below_the_services_and_the_app() -> None:
     assert GRAPH["tasks"] & ABOVE_TASKS == set()
+
+
+@pytest.mark.parametrize("module", sorted(set(MODULES) - WEB_LAYER))
+def test_nothing_below_the_web_layer_imports_it(module: str) -> None:
+    assert GRAPH[module] & WEB_LAYER == set()
+
+
+@pytest.mark.parametrize("module", sorted(BLUEPRINTS))
+def test_blueprints_import_neither_each_other_nor_the_app_module(module: str) -> None:
+    assert GRAPH[module] & (BLUEPRINTS | {"microapp"}) == set()
 
 
 @pytest.mark.parametrize(
@@ -148,31 +163,23 @@ def test_every_module_opens_with_a_docstring(module: str) -> None:
     assert len(docstring.split()) >= 15, f"{module}.py: say what it owns and what it must not do"
 
 
-# Rooms the web layer's split (blueprint modules, openapi.py) makes small; and dal.py, which must
-# hold every SQL statement because no other module may import SQLAlchemy.
-_WEB_LAYER = "the web layer's split (blueprints, openapi.py) brings it under the limit"
-_LARGE = {
-    "microapp": _WEB_LAYER,
-    "api": _WEB_LAYER,
-    "dal": "every SQL statement and the tables must stay in dal.py (the only SQLAlchemy module)",
-}
+# dal.py is the one room allowed past the limit: it must hold the tables and every SQL statement
+# (no other module may import SQLAlchemy), and that is ~1,200 lines of short, separate queries.
+# It still has a bound, so that it is split by concern the day it cannot be read in one sitting.
+DAL_MAX_LINES = 1300
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=False, reason=_LARGE[name]))
-        if name in _LARGE
-        else name
-        for name in sorted(MODULES)
-    ],
-)
+@pytest.mark.parametrize("module", sorted(set(MODULES) - {"dal"}))
 def test_no_module_is_over_a_thousand_lines(module: str) -> None:
     lines = len(MODULES[module].read_text().splitlines())
     assert lines <= MAX_LINES, f"{module}.py has {lines} lines"
 
 
-@pytest.mark.xfail(strict=False, reason=_WEB_LAYER)
+def test_dal_stays_within_its_own_bound() -> None:
+    lines = len(MODULES["dal"].read_text().splitlines())
+    assert lines <= DAL_MAX_LINES, f"dal.py has {lines} lines: split it by concern"
+
+
 def test_the_app_module_is_small() -> None:
     lines = len(MODULES["microapp"].read_text().splitlines())
     assert lines <= MAX_APP_MODULE_LINES, f"microapp.py has {lines} lines"

@@ -9,6 +9,7 @@ from typing import Any
 from flask import Flask
 
 import dal
+import dashboard
 import microapp
 import records
 import services
@@ -40,8 +41,8 @@ def test_links_in_redirects_emails_and_snippets_follow_the_route_map(app: Flask)
     move_route(app, "public.thanks", "/thanks/<pid:public_id>")
     move_route(app, "public.submit", "/post/<pid:public_id>")
     move_route(app, "public.hosted_page", "/page/<pid:public_id>")
-    move_route(app, "pages.submission_detail", "/inbox/<pid:public_id>/<pid:submission_id>")
-    move_route(app, "pages.confirm_email", "/account/confirm-address/<token>")
+    move_route(app, "dashboard.submission_detail", "/inbox/<pid:public_id>/<pid:submission_id>")
+    move_route(app, "accounts.confirm_email", "/account/confirm-address/<token>")
     form = confirmed_owner_form(app)
 
     response = app.test_client().post(f"/f/{form.public_id}", data={"message": "hi"})
@@ -53,7 +54,7 @@ def test_links_in_redirects_emails_and_snippets_follow_the_route_map(app: Flask)
     assert link.group(0).startswith(f"http://mailslot.test/inbox/{form.public_id}/")
 
     with app.test_request_context():
-        snippets = services.install_snippets(form)
+        snippets = dashboard._install_snippets(form)
         assert services.endpoint_url(form) == f"http://mailslot.test/post/{form.public_id}"
         users.sign_up("new.owner@example.com", "correct horse battery")
     assert snippets["action"] == f"http://mailslot.test/post/{form.public_id}"
@@ -65,9 +66,9 @@ def test_links_in_redirects_emails_and_snippets_follow_the_route_map(app: Flask)
 
 def test_links_use_base_url_never_the_request_host(app: Flask) -> None:
     with app.test_request_context("/", base_url="http://attacker.example"):
-        assert external_url("pages.login") == "http://mailslot.test/login"
+        assert external_url("accounts.login") == "http://mailslot.test/login"
     with app.app_context():  # a task or a CLI command: no request at all
-        assert external_url("pages.login") == "http://mailslot.test/login"
+        assert external_url("accounts.login") == "http://mailslot.test/login"
 
 
 def test_links_keep_the_path_base_url_names(overrides: dict[str, Any]) -> None:

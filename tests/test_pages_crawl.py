@@ -16,11 +16,15 @@ from unittest import mock
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import given
+from hypothesis import strategies as st
 
 import dal
 import intake
 import microapp
+import records
 import services
+import web
 from conftest import FAST_HASH, AuthActions, post_form
 
 CSP = "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors {}"
@@ -283,7 +287,7 @@ NOW = dt.datetime(2025, 6, 15, 12, 0, tzinfo=dt.UTC)
     ],
 )
 def test_relative_time_reads_like_a_person_would_say_it(ago: dt.timedelta, text: str) -> None:
-    assert microapp.relative_time(NOW - ago, now=NOW) == text
+    assert web.relative_time(NOW - ago, now=NOW) == text
 
 
 @SQLITE_ONLY
@@ -334,6 +338,47 @@ def test_inbox_chart_counts_submissions_per_day_for_30_days(
     assert f"the busiest day was {per_day[0].day.isoformat()} with 3." in chart
     assert chart.count(": 0 submissions</title>") == 27
     assert facts_ok(chart)
+
+
+@given(
+    counts=st.lists(st.integers(min_value=0, max_value=10**6), min_size=1, max_size=30),
+)
+def test_the_chart_layout_scales_bars_to_the_busiest_day(counts: list[int]) -> None:
+    first = dt.date(2025, 6, 1)
+    per_day = [records.DayCount(first + dt.timedelta(days=i), n) for i, n in enumerate(counts)]
+    chart = web.chart_geometry(per_day)
+    assert (chart.width, chart.total, len(chart.bars)) == (
+        10 * len(counts),
+        sum(counts),
+        len(counts),
+    )
+    assert chart.busiest_count == max(counts)
+    assert chart.busiest_day == (first + dt.timedelta(days=counts.index(max(counts)))).isoformat()
+    for index, (bar, count) in enumerate(zip(chart.bars, counts, strict=True)):
+        height = float(bar.bar_height)
+        assert abs(float(bar.bar_y) + height - 60) < 0.011  # every bar stands on the baseline
+        assert (bar.x, bar.bar_x) == (index * 10, index * 10 + 1.5)
+        if count == 0:
+            assert height == 1
+            assert "empty-day" in bar.css_class
+        else:
+            assert 1.5 <= height <= 56
+            assert bar.title.endswith(f": {count} submission{'' if count == 1 else 's'}")
+        if count == max(counts) and count:
+            assert height == 56
+    assert chart.bars[-1].css_class.endswith(" today")
+
+
+def test_booleans_read_yes_and_no_and_other_values_pass_through() -> None:
+    assert [web.yes_no(v) for v in (True, False, "true", 0, 1, None)] == [
+        "Yes",
+        "No",
+        "true",
+        0,
+        1,
+        None,
+    ]
+    assert (web.status_title(404), web.status_title(418)) == ("Not found", "Error")
 
 
 def test_inbox_chart_caches_past_days_and_counts_today_live(app: Flask, contact_form: Any) -> None:

@@ -26,9 +26,12 @@ import records
 from conftest import (
     FAST_HASH,
     AuthActions,
+    assert_public_envelope,
     csrf_token,
+    free_port,
     message_text,
     post_form,
+    public_refusal,
     read_outbox,
     settle_deliveries,
 )
@@ -100,17 +103,14 @@ def make_form(client: FlaskClient, app: Flask, auth: AuthActions) -> MakeForm:
     return FormMaker(client, app)
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
-    """One app and owner for tables of cases that each make their own form and look only at it.
-
-    Creating an app per case would dominate the run time; nothing here is read across forms.
-    """
+def _site(tmp_path_factory: pytest.TempPathFactory, **settings: Any) -> Iterator[FormMaker]:
+    """One app with a signed-up owner, for a module's table of cases (``settings`` override)."""
     app = microapp.create_app(
         instance_path=str(tmp_path_factory.mktemp("public") / "instance"),
         password_hash_method=FAST_HASH,
         base_url=BASE_URL,
         redis_key_prefix=f"mailslot-test-{uuid.uuid4().hex[:8]}:",
+        **settings,
     )
     app.config["TESTING"] = True
     client = app.test_client()
@@ -118,6 +118,15 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
     yield FormMaker(client, app)
     with app.app_context():
         dal.database().engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
+    """One app and owner for tables of cases that each make their own form and look only at it.
+
+    Creating an app per case would dominate the run time; nothing here is read across forms.
+    """
+    yield from _site(tmp_path_factory)
 
 
 def stored(app: Flask, public_id: str) -> list[records.Submission]:
@@ -415,7 +424,9 @@ def test_invalid_json_post_answers_422_with_errors_per_field(
     public_id = shared(fields=CONTACT_FIELDS)
     response = shared.client.post(f"/f/{public_id}", json=body)
     assert response.status_code == 422
-    assert response.json == {"ok": False, "errors": errors}
+    assert response.json == public_refusal(
+        "invalid", "Some fields need fixing; see errors.", errors
+    )
     assert stored(shared.app, public_id) == []
 
 
@@ -455,7 +466,7 @@ def test_unknown_form_is_404(shared: FormMaker, as_json: bool) -> None:
     assert response.status_code == 404
     message = "There is no form at this address. Check the form's action URL."
     if as_json:
-        assert response.json == {"ok": False, "error": message}
+        assert response.json == public_refusal("not_found", message)
     else:
         assert escape(message) in response.get_data(as_text=True)
 
@@ -468,7 +479,7 @@ def test_paused_form_refuses_submissions(shared: FormMaker, as_json: bool) -> No
     assert response.status_code == 403
     message = "This form is paused and is not accepting submissions."
     if as_json:
-        assert response.json == {"ok": False, "error": message}
+        assert response.json == public_refusal("forbidden", message)
     else:
         assert message in response.get_data(as_text=True)
     assert stored(shared.app, public_id) == []
@@ -506,10 +517,9 @@ def test_allowed_domains_decide_who_may_post(
         assert len(stored(shared.app, public_id)) == 1
     else:
         assert response.status_code == 403
-        assert response.json == {
-            "ok": False,
-            "error": "This form does not accept submissions from this website.",
-        }
+        assert response.json == public_refusal(
+            "forbidden", "This form does not accept submissions from this website."
+        )
         assert stored(shared.app, public_id) == []
 
 
@@ -562,10 +572,10 @@ def test_file_part_is_refused_with_415(shared: FormMaker) -> None:
         headers=JSON_ANSWER,
     )
     assert response.status_code == 415
-    assert response.json == {
-        "ok": False,
-        "error": "File uploads are not supported yet. Remove the file field and send again.",
-    }
+    assert response.json == public_refusal(
+        "unsupported_media_type",
+        "File uploads are not supported yet. Remove the file field and send again.",
+    )
     assert stored(shared.app, public_id) == []
 
 
@@ -577,11 +587,11 @@ def test_other_content_types_are_refused_with_415(
     headers = {**JSON_ANSWER, **({"Content-Type": content_type} if content_type else {})}
     response = shared.client.post(f"/f/{public_id}", data=b"message=hi", headers=headers)
     assert response.status_code == 415
-    assert response.json == {
-        "ok": False,
-        "error": "Send the form as application/x-www-form-urlencoded, multipart/form-data "
+    assert response.json == public_refusal(
+        "unsupported_media_type",
+        "Send the form as application/x-www-form-urlencoded, multipart/form-data "
         "or application/json.",
-    }
+    )
     assert stored(shared.app, public_id) == []
 
 
@@ -590,11 +600,101 @@ def test_malformed_json_is_refused_with_400(shared: FormMaker, body: str) -> Non
     public_id = shared()
     response = shared.client.post(f"/f/{public_id}", data=body, content_type="application/json")
     assert response.status_code == 400
-    assert response.json == {
-        "ok": False,
-        "error": "The body is not valid JSON. Send a JSON object of fields.",
-    }
+    assert response.json == public_refusal(
+        "bad_request", "The body is not valid JSON. Send a JSON object of fields."
+    )
     assert stored(shared.app, public_id) == []
+
+
+# --- one JSON envelope for every refusal -----------------------------------------------------
+
+AJAX = {"X-Requested-With": "XMLHttpRequest"}
+
+
+@pytest.fixture(scope="module")
+def one_a_minute(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FormMaker]:
+    """Like ``shared``, with one submission a minute per address and form."""
+    yield from _site(tmp_path_factory, submit_limit_per_ip_minute=1)
+
+
+def _refused(site: FormMaker, status: int, headers: dict[str, str]) -> Any:
+    """A post to the public endpoint that is refused with ``status``."""
+    post = site.client.post
+    if status == 400:  # a multipart body without its boundary
+        return post(f"/f/{site()}", data=b"x", content_type="multipart/form-data", headers=headers)
+    if status == 403:
+        return post(f"/f/{site(status='paused')}", data={"message": "hi"}, headers=headers)
+    if status == 404:
+        return post("/f/no-such-form", data={"message": "hi"}, headers=headers)
+    if status == 405:
+        return site.client.put(f"/f/{site()}", data={"message": "hi"}, headers=headers)
+    if status == 413:
+        return post(f"/f/{site()}", data={"message": "x" * (64 * 1024 + 1)}, headers=headers)
+    if status == 415:
+        return post(f"/f/{site()}", data=b"message=hi", content_type="text/plain", headers=headers)
+    if status == 422:
+        public_id = site(fields=CONTACT_FIELDS)
+        return post(f"/f/{public_id}", data={"email": "nope"}, headers=headers)
+    public_id = site()
+    assert post(f"/f/{public_id}", data={"message": "hi"}, headers=headers).status_code < 400
+    return post(f"/f/{public_id}", data={"message": "again"}, headers=headers)
+
+
+@pytest.mark.parametrize("headers", [JSON_ANSWER, AJAX], ids=["accept-json", "ajax"])
+@pytest.mark.parametrize("status", [400, 403, 404, 405, 413, 415, 422, 429])
+def test_every_refusal_of_the_endpoint_has_the_one_json_envelope(
+    one_a_minute: FormMaker, status: int, headers: dict[str, str]
+) -> None:
+    response = _refused(one_a_minute, status, headers)
+    assert response.status_code == status
+    assert response.mimetype == "application/json"
+    assert_public_envelope(response)
+    if status == 405:
+        assert "POST" in response.headers["Allow"]
+    if status == 429:
+        assert int(response.headers["Retry-After"]) > 0
+
+
+def test_an_address_that_is_no_form_id_gets_the_envelope_too(shared: FormMaker) -> None:
+    response = shared.client.post("/f/not.an.id", data={"message": "hi"}, headers=JSON_ANSWER)
+    assert response.json == public_refusal("not_found", "There is nothing at this address.")
+
+
+def test_422_names_each_field_in_errors_and_says_why_in_error(shared: FormMaker) -> None:
+    public_id = shared(fields=CONTACT_FIELDS)
+    response = shared.client.post(f"/f/{public_id}", data={"email": "nope"}, headers=AJAX)
+    assert response.status_code == 422
+    assert response.json["error"] == {
+        "code": "invalid",
+        "message": "Some fields need fixing; see errors.",
+    }
+    assert response.json["errors"]["email"] == ["Enter a valid email address."]
+
+
+def test_a_database_outage_is_503_in_the_envelope_and_a_page(overrides: dict[str, Any]) -> None:
+    # The answer's own headers (CORS, the hosted page's frame-ancestors) need the form too: with
+    # the database down they answer as for an unknown form instead of failing with a 500.
+    app = microapp.create_app(
+        **overrides, database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    )
+    visitor = app.test_client()
+    origin = {"Origin": "https://site.example"}
+    response = visitor.post("/f/any-form", json={"message": "hi"}, headers=origin)
+    assert response.status_code == 503
+    assert response.json == public_refusal(
+        "service_unavailable", "The database is unavailable; nothing was saved. Try again."
+    )
+    assert response.headers["Access-Control-Allow-Origin"] == "*"  # as for an unknown form
+    for path in ("/f/any-form", "/f/any-form/thanks"):
+        page = visitor.get(path)
+        assert (page.status_code, page.mimetype) == (503, "text/html")
+        assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+
+
+def test_browsers_still_get_pages_for_every_refusal(one_a_minute: FormMaker) -> None:
+    for status in (400, 403, 404, 405, 413, 415, 429):
+        response = _refused(one_a_minute, status, {"Accept": "text/html"})
+        assert (response.status_code, response.mimetype) == (status, "text/html")
 
 
 # --- the honeypot -----------------------------------------------------------------------------

@@ -30,7 +30,14 @@ import cache
 import dal
 import intake
 import microapp
-from conftest import FAST_HASH, AuthActions, _wipe_postgres, post_form
+from conftest import (
+    FAST_HASH,
+    AuthActions,
+    _wipe_postgres,
+    assert_public_envelope,
+    post_form,
+    public_refusal,
+)
 
 BASE_URL = "http://mailslot.test"
 HONEYPOT = "_gotcha"
@@ -225,6 +232,8 @@ def assert_kept_or_refused(site: Site, req: Req, response: Any, before: tuple[in
     """Never a 5xx; a success stored one row (or counted one honeypot hit); anything else none."""
     text = response.get_data(as_text=True)[:500]
     assert response.status_code < 500, text
+    if response.mimetype == "application/json":
+        assert_public_envelope(response)
     rows, trapped = site.state(site.forms[req.form])
     if 200 <= response.status_code < 400:
         assert (rows, trapped) in ((before[0] + 1, before[1]), (before[0], before[1] + 1)), text
@@ -237,10 +246,9 @@ def assert_kept_or_refused(site: Site, req: Req, response: Any, before: tuple[in
 def assert_refused_site(response: Any) -> None:
     """The JSON answer to a post from a site outside the allowed domains."""
     assert response.status_code == 403
-    assert response.json == {
-        "ok": False,
-        "error": "This form does not accept submissions from this website.",
-    }
+    assert response.json == public_refusal(
+        "forbidden", "This form does not accept submissions from this website."
+    )
 
 
 def post_and_check(site: Site, req: Req, path: str = "/f/{id}") -> Any:
@@ -359,11 +367,10 @@ def test_json_nested_too_deep_is_refused_with_400(site: Site, body: str) -> None
     req = Req("open", encoding="raw", raw=body.encode(), content_type="application/json")
     response = post_and_check(site, req)
     assert response.status_code == 400
-    assert response.json == {
-        "ok": False,
-        "error": "The JSON is nested more than 32 levels deep. Send an object of fields with "
-        "plain values.",
-    }
+    assert response.json == public_refusal(
+        "bad_request",
+        "The JSON is nested more than 32 levels deep. Send an object of fields with plain values.",
+    )
 
 
 def test_json_nested_within_the_bound_gets_the_per_field_message(site: Site) -> None:
@@ -491,7 +498,7 @@ def test_multipart_that_cannot_be_read_is_refused_with_400(
     req = Req("open", encoding="raw", raw=raw, content_type=content_type, headers=JSON_ANSWER)
     response = post_and_check(site, req)
     assert response.status_code == 400
-    assert response.json == {"ok": False, "error": message}
+    assert response.json == public_refusal("bad_request", message)
     browser = post_and_check(site, Req("open", encoding="raw", raw=raw, content_type=content_type))
     assert browser.status_code == 400
     assert browser.mimetype == "text/html"

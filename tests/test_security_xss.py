@@ -7,7 +7,6 @@ absent, and the escaped text is present (so the check cannot pass because nothin
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import re
@@ -181,7 +180,7 @@ def test_hostile_labels_help_and_choices_are_escaped(shared: Shared) -> None:
             assert_inert(page, payload, shown=path != f"/forms/{public_id}")
     install = shared.client.get(f"/forms/{public_id}").get_data(as_text=True)
     for payload in PAYLOADS:  # the snippet is escaped once as HTML code and once as page text
-        assert str(escape(html.escape(payload))) in install
+        assert str(escape(str(escape(payload)))) in install
 
 
 def test_hostile_builder_input_is_escaped_when_the_page_comes_back_with_errors(

@@ -10,6 +10,8 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dal
 import intake
@@ -248,3 +250,36 @@ def test_honeypot_name_cannot_be_a_field_name(
     )
     assert clash.status_code == 422
     assert "A field of this form is named &#39;trap&#39;" in clash.get_data(as_text=True)
+
+
+def _stored_form(app: Flask, public_id: str) -> Any:
+    """The form as stored now."""
+    with app.app_context(), dal.connection() as conn:
+        return conn.execute(sa.select(dal.forms).where(dal.forms.c.public_id == public_id)).one()
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=st.from_regex(r"[A-Za-z][A-Za-z0-9_-]{0,30}", fullmatch=True))
+def test_services_refuse_a_honeypot_named_like_a_field_whichever_is_saved_last(
+    app: Flask, owner: dict[str, Any], name: str
+) -> None:
+    # The one check lives in services: the pages and the API only show its message.
+    public_id = owner["public_id"]
+    spec = {"name": name, "type": "text"}
+    with app.app_context():
+        form = _stored_form(app, public_id)
+        services.save_fields(form, [spec])  # the honeypot is _gotcha: no clash
+        form = _stored_form(app, public_id)
+        with pytest.raises(services.InvalidInput) as refused:
+            services.update_form_settings(form, {"honeypot_field": name})
+        assert list(refused.value.errors) == ["honeypot_field"]
+        services.update_form_settings(form, {"honeypot_field": name + "_trap"})
+        trap = _stored_form(app, public_id)
+        with pytest.raises(services.InvalidInput) as clash:
+            services.save_fields(trap, [spec, {"name": name + "_trap", "type": "text"}])
+        assert list(clash.value.errors) == ["_form"]
+    after = _stored_form(app, public_id)
+    assert after.honeypot_field == name + "_trap"
+    assert [field["name"] for field in after.fields] == [name]
